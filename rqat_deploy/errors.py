@@ -1,0 +1,43 @@
+"""Exception classes of rqat-deploy.
+
+Every error a user can cause derives from :class:`RqatError`, so the CLI can print the message
+(which names the problem and the fix) without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class RqatError(Exception):
+    """Base class of every error rqat-deploy raises on purpose."""
+
+
+class ConfigError(RqatError, ValueError):
+    """An invalid configuration value (unknown grid, bad bit width, misspelled field...)."""
+
+
+class ShapeError(RqatError, ValueError):
+    """A tensor or module whose shape the chosen quantization grid cannot handle."""
+
+
+class CheckpointError(RqatError):
+    """A quantized checkpoint that is missing, inconsistent, or of an unknown format version."""
+
+
+class BackendError(RqatError):
+    """A requested compute backend (e.g. Triton) that is unavailable for the given tensors."""
+
+
+class ModelLoadError(RqatError):
+    """A model or tokenizer that cannot be loaded from the given Hub id or directory."""
+
+
+class OutputExistsError(RqatError, FileExistsError):
+    """An output path that already exists and would be overwritten without ``--force``."""
+
+
+class ExportError(RqatError):
+    """An export that failed, including a verify-on-write mismatch."""
+
+
+class DataError(RqatError, ValueError):
+    """A dataset or data source that is missing, malformed, or lacks a required field."""
