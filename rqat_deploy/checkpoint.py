@@ -1,0 +1,460 @@
+"""The quantized checkpoint: the contract between ``train`` and ``export`` (DESIGN.md 3).
+
+A directory with ``config.json``, tokenizer files, ``rqat_quant.json`` and ``model.safetensors``
+(or shards with ``model.safetensors.index.json``) holding, for each quantized Linear ``<m>``,
+``<m>.qcodes`` and its grid's scale tensors, and every other tensor under its Hugging Face name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from rqat_deploy.errors import CheckpointError, ConfigError, OutputExistsError
+from rqat_deploy.quantizer import checkpoint_layout, dequantize_tensors
+from rqat_deploy.spec import QK_K, QuantSpec
+
+FORMAT_VERSION = 1
+QUANT_FILE = "rqat_quant.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+#: files copied from the base model / tokenizer into checkpoints and exports
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+_RANGES = {  # (grid, bits, tensor) -> (lo, hi) integer range
+    "qcodes": lambda s: (0, s.qmax),
+    "zeros": lambda s: (0, s.qmax),
+    "sub_scales": lambda s: (0, 15) if s.bits == 2 else (-32, 31),
+    "sub_mins": lambda s: (0, 15),
+}
+
+
+@dataclass(frozen=True)
+class QuantMeta:
+    """The parsed ``rqat_quant.json``."""
+
+    format_version: int
+    bits: int
+    grid: str
+    group_size: int
+    modules: list[str]
+    base_model: str = ""
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The :class:`QuantSpec` the checkpoint was made with."""
+        return QuantSpec(bits=self.bits, grid=self.grid, group_size=self.group_size if self.grid == "uniform" else 128)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "bits": self.bits,
+            "grid": self.grid,
+            "group_size": self.group_size,
+            "modules": list(self.modules),
+            "base_model": self.base_model,
+            "recipe": self.recipe,
+        }
+
+
+def _parse_meta(path: Path) -> QuantMeta:
+    f = path / QUANT_FILE
+    if not f.exists():
+        raise CheckpointError(f"{path} is not a quantized checkpoint: {QUANT_FILE} is missing")
+    try:
+        raw = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{f}: format_version {version!r} is not supported (this rqat-deploy reads version "
+            f"{FORMAT_VERSION}); upgrade rqat-deploy or re-create the checkpoint"
+        )
+    missing = [k for k in ("bits", "grid", "group_size", "modules") if k not in raw]
+    if missing:
+        raise CheckpointError(f"{f} lacks the fields {missing}")
+    meta = QuantMeta(
+        format_version=version,
+        bits=raw["bits"],
+        grid=raw["grid"],
+        group_size=raw["group_size"],
+        modules=list(raw["modules"]),
+        base_model=raw.get("base_model", ""),
+        recipe=raw.get("recipe", {}),
+    )
+    try:
+        meta.spec
+    except ConfigError as e:
+        raise CheckpointError(f"{f}: {e}") from e
+    if meta.grid == "kquant" and meta.group_size != QK_K:
+        raise CheckpointError(f"{f}: kquant checkpoints have group_size {QK_K}, got {meta.group_size}")
+    return meta
+
+
+class QuantizedCheckpoint:
+    """Read access to a quantized checkpoint directory, validated on open.
+
+    Use :func:`read_checkpoint` to open one.
+    """
+
+    def __init__(self, path: Path, meta: QuantMeta, config: dict[str, Any], where: dict[str, Path]) -> None:
+        self.path, self.meta, self.config = path, meta, config
+        self._where = where  # tensor name -> safetensors file
+        self.spec = meta.spec
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor name stored in the checkpoint."""
+        return list(self._where)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One stored tensor, as stored.
+
+        Raises:
+            CheckpointError: no tensor of that name.
+        """
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: no tensor {name!r} in the checkpoint")
+        with safe_open(str(self._where[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def quant_tensors(self, module: str) -> dict[str, torch.Tensor]:
+        """The quantization tensors of ``module`` (``qcodes`` and its grid's scales), range-checked.
+
+        Raises:
+            CheckpointError: ``module`` is not quantized, or an integer tensor is out of its range.
+        """
+        if module not in self.meta.modules:
+            raise CheckpointError(f"{module!r} is not a quantized module of {self.path}")
+        out_f, in_f = self._shape(f"{module}.qcodes")
+        t = {n: self.tensor(f"{module}.{n}") for n in checkpoint_layout(self.spec, out_f, in_f)}
+        for n, v in t.items():
+            if n in _RANGES:
+                lo, hi = _RANGES[n](self.spec)
+                vmin, vmax = int(v.min()), int(v.max())
+                if vmin < lo or vmax > hi:
+                    raise CheckpointError(
+                        f"{self.path}: {module}.{n} holds values {vmin}..{vmax} outside {lo}..{hi}: corrupted checkpoint"
+                    )
+        return t
+
+    def dequantized_weight(self, module: str) -> torch.Tensor:
+        """The float32 weight ``[out, in]`` of ``module``: *the* trained weight (DESIGN.md 3)."""
+        return dequantize_tensors(self.quant_tensors(module), self.spec)
+
+    def float_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor that is not part of a quantized module's codes/scales (embeddings, norms, biases...)."""
+        quant = {f"{m}.{n}" for m in self.meta.modules for n in checkpoint_layout(self.spec, 1, QK_K * 4)}
+        for name in self._where:
+            if name not in quant:
+                yield name, self.tensor(name)
+
+    def copy_model_files(self, dst: str | os.PathLike[str]) -> list[str]:
+        """Copy config, generation config, tokenizer files and chat template to ``dst``.
+
+        Returns:
+            The names of the files copied.
+        """
+        copied = []
+        for name in MODEL_FILES:
+            if (self.path / name).exists():
+                shutil.copy2(self.path / name, Path(dst) / name)
+                copied.append(name)
+        return copied
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(str(self._where[name]), framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def _dtype(self, name: str) -> str:
+        with safe_open(str(self._where[name]), framework="pt") as f:
+            return f.get_slice(name).get_dtype()
+
+    def validate(self) -> None:
+        """Check that every quantized module has its tensors, with the right dtypes and shapes.
+
+        Raises:
+            CheckpointError: naming the first inconsistency found.
+        """
+        st_dtype = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16"}
+        for m in self.meta.modules:
+            if f"{m}.qcodes" not in self._where:
+                raise CheckpointError(f"{self.path}: quantized module {m!r} has no {m}.qcodes tensor")
+            shape = self._shape(f"{m}.qcodes")
+            if len(shape) != 2:
+                raise CheckpointError(f"{self.path}: {m}.qcodes must be 2-D [out, in], got {shape}")
+            if shape[1] % self.spec.block_size:
+                raise CheckpointError(f"{self.path}: {m}.qcodes has in={shape[1]}, not a multiple of {self.spec.block_size}")
+            for n, (dtype, want) in checkpoint_layout(self.spec, *shape).items():
+                key = f"{m}.{n}"
+                if key not in self._where:
+                    raise CheckpointError(f"{self.path}: quantized module {m!r} lacks the tensor {key!r}")
+                got_shape, got_dtype = self._shape(key), self._dtype(key)
+                if got_shape != want or got_dtype != st_dtype[dtype]:
+                    raise CheckpointError(
+                        f"{self.path}: {key} is {got_dtype}{list(got_shape)}, expected {st_dtype[dtype]}{list(want)}"
+                    )
+
+
+def _index_files(path: Path) -> dict[str, Path]:
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = {name: path / f for name, f in weight_map.items()}
+        for f in set(files.values()):
+            if not f.exists():
+                raise CheckpointError(f"{path}: shard {f.name} named in {INDEX_FILE} is missing")
+        return files
+    single = path / WEIGHTS_FILE
+    if not single.exists():
+        raise CheckpointError(f"{path}: neither {WEIGHTS_FILE} nor {INDEX_FILE} exists")
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> QuantizedCheckpoint:
+    """Open and validate a quantized checkpoint directory.
+
+    Args:
+        path: the checkpoint directory.
+
+    Returns:
+        A :class:`QuantizedCheckpoint`.
+
+    Raises:
+        CheckpointError: missing files, an unknown ``format_version``, or inconsistent tensors.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    meta = _parse_meta(p)
+    if not (p / "config.json").exists():
+        raise CheckpointError(f"{p}: config.json is missing")
+    ckpt = QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), _index_files(p))
+    ckpt.validate()
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_output_dir(out: Path, force: bool) -> Path:
+    """Check ``out`` may be written and return a fresh temporary sibling directory to write into.
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``force`` is false.
+    """
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists: choose another --out or pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def commit_output_dir(tmp: Path, out: Path) -> None:
+    """Atomically-enough replace ``out`` by the finished ``tmp`` directory (old ``out`` removed last)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def checkpoint_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of a model with QuantLinear modules in the checkpoint layout.
+
+    Returns:
+        ``(tensors, quantized module names)``; tied parameters appear once.
+    """
+    from rqat_deploy.surgery import quant_linears
+
+    state: dict[str, torch.Tensor] = {}
+    modules = []
+    for name, mod in quant_linears(model):
+        modules.append(name)
+        state.update({f"{name}.{k}": v for k, v in mod.checkpoint_tensors().items()})
+        if mod.bias is not None:
+            state[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
+    prefixes = tuple(f"{m}." for m in modules)
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=False).items():
+        if name.startswith(prefixes):
+            continue
+        if t.data_ptr() in seen:  # tied (e.g. lm_head.weight is embed_tokens.weight)
+            continue
+        seen.add(t.data_ptr())
+        state[name] = t.detach().cpu().contiguous()
+    return state, modules
+
+
+def _write_tensors(state: dict[str, torch.Tensor], out: Path, max_shard_size: int) -> None:
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if total <= max_shard_size:
+        save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        return
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for fname, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(out / fname), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def save_checkpoint(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    base_model: str = "",
+    recipe: dict[str, Any] | None = None,
+    force: bool = False,
+    max_shard_size: int = 5 * 1024**3,
+) -> Path:
+    """Write a model with QuantLinear modules as a quantized checkpoint (DESIGN.md 3).
+
+    The directory is written under a temporary name and renamed when complete.
+
+    Args:
+        model: a Hugging Face causal LM after :func:`rqat_deploy.surgery.prepare_model`.
+        out_dir: the checkpoint directory.
+        tokenizer: saved beside the model (with its chat template) when given.
+        base_model: Hub id or path of the full-precision model.
+        recipe: everything needed to reproduce the run (stored in ``rqat_quant.json``).
+        force: replace an existing ``out_dir``.
+        max_shard_size: bytes per safetensors shard.
+
+    Returns:
+        The checkpoint path.
+
+    Raises:
+        OutputExistsError: ``out_dir`` exists and ``force`` is false.
+        CheckpointError: the model has no quantized module, or mixes specs.
+    """
+    from rqat_deploy.surgery import quant_linears
+
+    out = Path(out_dir)
+    specs = {mod.spec for _, mod in quant_linears(model)}
+    if not specs:
+        raise CheckpointError("the model has no quantized Linear: run prepare_model first")
+    if len({(s.bits, s.grid, s.group_size) for s in specs}) > 1:
+        raise CheckpointError(f"all quantized modules must share one spec, found {specs}")
+    spec = specs.pop()
+    tmp = prepare_output_dir(out, force)
+    try:
+        state, modules = checkpoint_state(model)
+        _write_tensors(state, tmp, max_shard_size)
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = QuantMeta(
+            format_version=FORMAT_VERSION,
+            bits=spec.bits,
+            grid=spec.grid,
+            group_size=spec.block_size,
+            modules=modules,
+            base_model=base_model,
+            recipe=recipe or {},
+        )
+        (tmp / QUANT_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+        commit_output_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# loading as a model
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    form: str = "dequantized",
+    backend: str | None = None,
+) -> tuple[nn.Module, Any]:
+    """Build a transformers model from a quantized checkpoint.
+
+    Args:
+        path: the checkpoint directory.
+        dtype: dtype of the model's floating-point tensors.
+        device: target device.
+        form: ``"dequantized"`` (plain ``nn.Linear`` with the dequantized weights, for evaluation
+            and foreign runtimes) or ``"stage2"`` (QuantLinear with frozen codes, scales trainable).
+        backend: kernel backend for the ``stage2`` form.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer is ``None`` when the checkpoint has no tokenizer files.
+
+    Raises:
+        CheckpointError: an invalid checkpoint or one that does not fit its config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from rqat_deploy.qlinear import QuantLinear
+    from rqat_deploy.surgery import _set_submodule
+
+    if form not in ("dequantized", "stage2"):
+        raise ConfigError(f"form must be 'dequantized' or 'stage2', got {form!r}")
+    ckpt = read_checkpoint(path)
+    config = AutoConfig.from_pretrained(str(ckpt.path))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = dict(ckpt.float_tensors())
+    for m in ckpt.meta.modules:
+        try:
+            linear = model.get_submodule(m)
+        except AttributeError as e:
+            raise CheckpointError(f"{ckpt.path}: quantized module {m!r} does not exist in the model of config.json") from e
+        t = ckpt.quant_tensors(m)
+        if tuple(t["qcodes"].shape) != tuple(linear.weight.shape):
+            raise CheckpointError(
+                f"{ckpt.path}: {m}.qcodes has shape {list(t['qcodes'].shape)} but the model expects {list(linear.weight.shape)}"
+            )
+        if form == "dequantized":
+            state[f"{m}.weight"] = dequantize_tensors(t, ckpt.spec)
+        else:
+            bias = state.pop(f"{m}.bias", None)
+            _set_submodule(model, m, QuantLinear.from_checkpoint(t, bias, ckpt.spec, backend))
+    result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{ckpt.path}: tensors not in the model: {result.unexpected_keys[:5]}")
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied and ".quantizer." not in k and not k.endswith(".qcodes")]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: tensors missing from the checkpoint: {missing[:5]}")
+    if tied:
+        model.tie_weights()
+    tokenizer = None
+    if (ckpt.path / "tokenizer_config.json").exists() or (ckpt.path / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
+    return model.to(device).eval(), tokenizer

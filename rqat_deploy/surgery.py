@@ -1,0 +1,114 @@
+"""Model surgery: swap a causal LM's ``nn.Linear``s for :class:`QuantLinear` and back.
+
+    prepare_model(model, spec)   # Linear -> QuantLinear (stage-1 form, RTN / k-quant search init)
+    freeze_codes(model)          # stage-1 -> stage-2 form (codes frozen, scales train)
+    convert_model(model)         # QuantLinear -> Linear with the dequantized weight
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rqat_deploy.errors import ConfigError
+from rqat_deploy.qlinear import QuantLinear
+from rqat_deploy.spec import QuantSpec
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _is_tied(model: nn.Module) -> bool:
+    out, get_in = _output_embedding(model), getattr(model, "get_input_embeddings", None)
+    if out is None or not callable(get_in):
+        return False
+    return out.weight is get_in().weight
+
+
+def select_linears(model: nn.Module, spec: QuantSpec) -> list[str]:
+    """Names of the Linears ``spec`` quantizes: every ``nn.Linear`` but the output head and ``exclude``.
+
+    Embeddings (``nn.Embedding``) and norms are never Linears, so they stay in floating point.
+
+    Raises:
+        ConfigError: ``quantize_lm_head`` with tied input/output embeddings.
+        ShapeError: a selected module whose input size the grid cannot divide (names the fix).
+    """
+    head = _output_embedding(model)
+    if spec.quantize_lm_head and _is_tied(model):
+        raise ConfigError("quantize_lm_head needs untied embeddings: this model ties lm_head to embed_tokens")
+    names = []
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or spec.is_excluded(name):
+            continue
+        if mod is head and not spec.quantize_lm_head:
+            continue
+        spec.check_module(name, mod.in_features)
+        names.append(name)
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def prepare_model(
+    model: nn.Module, spec: QuantSpec, *, backend: str | None = None, progress: bool = True
+) -> list[str]:
+    """Replace the selected Linears in place by stage-1 :class:`QuantLinear`s.
+
+    Args:
+        model: a Hugging Face causal LM (or any module tree of ``nn.Linear``).
+        spec: what to quantize and how.
+        backend: kernel backend for the new modules.
+        progress: show a progress bar (k-quant initialisation takes a moment on large models).
+
+    Returns:
+        The names of the quantized modules, in model order.
+    """
+    names = select_linears(model, spec)
+    for name in tqdm(names, desc=f"init {spec.grid} int{spec.bits}", disable=not progress, leave=False):
+        linear = model.get_submodule(name)
+        _set_submodule(model, name, QuantLinear.from_linear(linear, spec, backend))
+    return names
+
+
+def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """Yield ``(name, module)`` for every :class:`QuantLinear` in ``model``."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            yield name, mod
+
+
+def freeze_codes(model: nn.Module, train_sub_scales: bool = False) -> None:
+    """Switch every QuantLinear to the stage-2 form (codes frozen; only scales train).
+
+    Everything that is not a stage-2 scale (embeddings, norms, biases) is frozen too.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, mod in quant_linears(model):
+        mod.freeze_codes(train_sub_scales)
+
+
+@torch.no_grad()
+def convert_model(model: nn.Module) -> nn.Module:
+    """Replace every QuantLinear in place by a plain ``nn.Linear`` holding its dequantized weight.
+
+    Returns:
+        ``model``, now free of QuantLinear modules (for evaluation or foreign runtimes).
+    """
+    for name, mod in list(quant_linears(model)):
+        w = mod.dequantized_weight()
+        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=w.device)
+        lin.weight.data = w.to(lin.weight.dtype)
+        if mod.bias is not None:
+            lin.bias.data = mod.bias.detach().clone()
+        _set_submodule(model, name, lin)
+    return model
