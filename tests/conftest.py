@@ -1,0 +1,45 @@
+"""Shared pytest fixtures.
+
+TRITON_INTERPRET must be set before any Triton kernel is defined, so it is set here, at import time
+of the test session: kernel tests then run on CPU tensors through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- Tiny local models (rqat_deploy.tiny): built once per session, offline, deterministic. -------
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Qwen3 (hidden 256, tied embeddings) with the tiny Qwen-style tokenizer."""
+    from rqat_deploy.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Qwen2 (q/k/v biases, tied embeddings) with the tiny tokenizer."""
+    from rqat_deploy.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama with an untied ``lm_head`` (covers a separate output matrix)."""
+    from rqat_deploy.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", tie_word_embeddings=False)
