@@ -70,13 +70,13 @@ def fake_quant(
         backend: see :func:`resolve_backend`.
 
     Returns:
-        The fake-quantized weight ``[R, K]`` (float32 for the reference).
+        The fake-quantized weight ``[R, K]`` in ``w``'s dtype (computed in float32).
     """
     if resolve_backend(w, backend) == "triton":
         from rqat_deploy.kernels.fake_quant import FakeQuantTritonFn
 
         return FakeQuantTritonFn.apply(w.contiguous(), s.contiguous(), z.contiguous(), o.contiguous(), qmax, gs)
-    return reference.FakeQuantFn.apply(w.float(), s, z, o, qmax, gs)
+    return reference.FakeQuantFn.apply(w.float(), s, z, o, qmax, gs).to(w.dtype)
 
 
 def dequant(

@@ -201,7 +201,7 @@ class FakeQuantFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         w, s, z, o = ctx.saved_tensors
-        gw, gs_, gz, go = fake_quant_backward(g.contiguous(), w, s, z, o, ctx.qmax, ctx.gs)
+        gw, gs_, gz, go = fake_quant_backward(g.float().contiguous(), w, s, z, o, ctx.qmax, ctx.gs)
         return gw, gs_, gz, go, None, None
 
 
@@ -226,7 +226,7 @@ class DequantFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         q, z = ctx.saved_tensors
-        grad_s, grad_o = dequant_backward(g.contiguous(), q, z, ctx.gs)
+        grad_s, grad_o = dequant_backward(g.float().contiguous(), q, z, ctx.gs)
         return None, grad_s, None, grad_o, None
 
 
