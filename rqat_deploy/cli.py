@@ -131,6 +131,115 @@ def train(**kw: Any) -> None:
     click.echo(f"wrote {out}")
 
 
+FORMATS = ("gguf", "compressed-tensors", "gptq", "onnx")
+
+
+@cli.command()
+@config_option
+@click.argument("ckpt_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS),
+              help="gguf: llama.cpp (and vLLM's GGUF loader); compressed-tensors: vLLM / transformers; "
+                   "gptq: GPTQModel / vLLM --quantization humming; onnx: ONNX Runtime.")
+@click.option("--out", required=True, type=click.Path(), help="Output file (gguf) or directory (others).")
+@click.option("--gguf-type", default=None,
+              help="GGUF type of quantized weights (Q2_K, Q3_K, Q4_K, Q4_0, Q8_0...). Default: exact for kquant "
+                   "checkpoints, Q2_K/Q3_K/Q4_K for uniform int2/int3/int4 (error reported; Q4_0 is exact for int2/int3).")
+@click.option("--embed-type", default="F16", show_default=True, help="GGUF type of embeddings and the output matrix.")
+@click.option("--zero-point", default="v2", show_default=True, type=click.Choice(["v2", "v1"]),
+              help="GPTQ zero-point convention (v1 refuses zero points of 0).")
+@click.option("--accuracy-level", default=None, type=int, help="ONNX MatMulNBits accuracy_level (4: int8 activations).")
+@click.option("--no-verify", is_flag=True, help="Skip decoding the written files with an independent reader.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
+def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type: str, zero_point: str,
+           accuracy_level: int | None, no_verify: bool, force: bool) -> None:
+    """Write a quantized checkpoint in a runtime's format, verified by decoding it back.
+
+    \b
+    Examples:
+      rqat-deploy export ckpt-q2k --format gguf --out model-q2k.gguf
+      rqat-deploy export ckpt-int2 --format gguf --gguf-type Q4_0 --out model-exact.gguf
+      rqat-deploy export ckpt-int2 --format compressed-tensors --out model-ct
+      rqat-deploy export ckpt-int3 --format gptq --out model-gptq
+      rqat-deploy export ckpt-int2 --format onnx --out model-onnx
+    """
+    verify = not no_verify
+    if fmt == "gguf":
+        from rqat_deploy.exporters.gguf import export_gguf
+
+        report = export_gguf(ckpt_dir, out, gguf_type=gguf_type, embed_type=embed_type, verify=verify, force=force)
+    elif fmt == "compressed-tensors":
+        from rqat_deploy.exporters.compressed_tensors import export_compressed_tensors
+
+        report = export_compressed_tensors(ckpt_dir, out, verify=verify, force=force)
+    elif fmt == "gptq":
+        from rqat_deploy.exporters.gptq import export_gptq
+
+        report = export_gptq(ckpt_dir, out, zero_point=zero_point, verify=verify, force=force)
+    else:
+        from rqat_deploy.exporters.onnx import export_onnx
+
+        report = export_onnx(ckpt_dir, out, accuracy_level=accuracy_level, verify=verify, force=force)
+    click.echo(report.summary())
+
+
+@cli.command()
+@config_option
+@click.option("--model", "models", multiple=True, help="GGUF file, HF model dir / Hub id, quantized checkpoint or export dir (repeatable).")
+@click.option("--dataset", default=None, help="SPEC: Hub id or local JSONL/Parquet, e.g. ../shared/data/gsm8k_test.jsonl.")
+@click.option("--responses", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Grade-only: score this JSONL of responses (fields: response, index) without running a model.")
+@click.option("--limit", default=None, type=int, help="Use the first N problems.")
+@click.option("--max-tokens", default=32768, show_default=True, type=int, help="Generation limit per response.")
+@click.option("--runtime", default=None, type=click.Choice(["llama.cpp", "transformers", "vllm"]),
+              help="Default: llama.cpp for .gguf files, transformers otherwise.")
+@click.option("--seeds", default=1, show_default=True, type=int, help="Sampling seeds (accuracy is reported with a CI over them).")
+@click.option("--greedy", is_flag=True, help="Greedy decoding instead of temperature 0.6 / top-k 20.")
+@click.option("--temperature", default=0.6, show_default=True, type=float)
+@click.option("--top-k", default=20, show_default=True, type=int)
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--no-thinking", is_flag=True, help="Disable thinking mode in the chat template.")
+@click.option("--question-field", default=None, help="Dataset field holding the question (auto-detected).")
+@click.option("--answer-field", default=None, help="Dataset field holding the answer (auto-detected).")
+@click.option("--grader", default="auto", show_default=True, type=click.Choice(["auto", "math-verify", "fallback"]))
+@click.option("--compare", is_flag=True, help="Side-by-side table of 2+ models with ratios to --baseline.")
+@click.option("--baseline", default=None, help="Label or path of the baseline model (default: the first).")
+@click.option("--no-speed", is_flag=True, help="Skip the latency / throughput measurements.")
+@click.option("--concurrency", default=1, show_default=True, type=int, help="Parallel requests for the throughput test.")
+@click.option("--threads", default=None, type=int, help="CPU threads for llama.cpp / torch.")
+@click.option("--device", default=None, help="Device for transformers (cpu, cuda).")
+@click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False), help="Report directory.")
+def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, limit: int | None, max_tokens: int,
+          runtime: str | None, seeds: int, greedy: bool, temperature: float, top_k: int, top_p: float,
+          no_thinking: bool, question_field: str | None, answer_field: str | None, grader: str, compare: bool,
+          baseline: str | None, no_speed: bool, concurrency: int, threads: int | None, device: str | None,
+          out: str) -> None:
+    """Measure speed, accuracy and thinking-token length; write report.json, report.md and plots.
+
+    \b
+    Examples:
+      rqat-deploy bench --model model-q2k.gguf --dataset ../shared/data/gsm8k_test.jsonl --limit 20
+      rqat-deploy bench --model teacher/ --model ckpt-int2 --compare --dataset math500 --seeds 3
+      rqat-deploy bench --responses answers.jsonl --dataset ../shared/data/math500_test.jsonl --out graded
+    """
+    from rqat_deploy.errors import ConfigError
+    from rqat_deploy.serve.bench import run_bench
+
+    if not models and not responses:
+        raise ConfigError("give at least one --model, or --responses FILE to grade existing answers")
+    if compare and len(models) < 2:
+        raise ConfigError("--compare needs two or more --model")
+    report = run_bench(
+        list(models), dataset, responses=responses, limit=limit, max_tokens=max_tokens, runtime=runtime,
+        seeds=seeds, out_dir=out, baseline=baseline, greedy=greedy, temperature=temperature, top_k=top_k,
+        top_p=top_p, enable_thinking=not no_thinking, question_field=question_field, answer_field=answer_field,
+        grader=grader, speed=not no_speed, concurrency=concurrency, n_threads=threads, device=device,
+    )
+    click.echo((Path(out) / "report.md").read_text() if (Path(out) / "report.md").exists() else json.dumps(report, default=str)[:2000])
+    click.echo(f"reports in {out}/ (report.json, report.md, plots)")
+    if report.get("interrupted"):
+        sys.exit(130)
+
+
 @cli.command()
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")

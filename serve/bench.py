@@ -1,0 +1,471 @@
+"""``rqat-deploy bench``: speed, accuracy and thinking length of models, or grading of saved responses.
+
+Two modes (DESIGN.md 9):
+
+- **generate** (``models`` given): each model is loaded in its runtime; a speed run (TTFT, prefill and
+  decode tokens/s at batch 1, warm-up excluded, several repetitions) is made first; then every
+  question of the dataset is answered once per seed. Each response is appended to
+  ``OUT/responses/<label>.jsonl`` as soon as it finishes (that file is itself a valid
+  ``--responses`` input), so Ctrl-C keeps everything that finished: the report is then written from
+  the finished responses and marked ``"interrupted": true``.
+- **grade only** (``responses`` given): score existing JSONL files of responses from any tool, one
+  object per line with ``response`` and optionally ``index`` (0-based row of the dataset; rows
+  without one follow the dataset's order), ``model`` (groups rows into models; default the file's
+  name), ``seed``, and ``finish_reason`` / ``truncated`` / ``n_completion_tokens`` for truncation.
+
+Both write ``OUT/report.json``, ``OUT/report.md`` and PNG plots (see :mod:`rqat_deploy.serve.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+from rqat_deploy.errors import ConfigError, DataError
+from rqat_deploy.serve.datasets import EvalExample, load_eval_set
+from rqat_deploy.serve.grading import grade_response, math_verify_available
+from rqat_deploy.serve.report import (
+    compare_models,
+    environment_info,
+    model_info,
+    now_iso,
+    package_versions,
+    summarize_model,
+    write_report,
+)
+from rqat_deploy.serve.runtimes import DEFAULT_INSTRUCTION, Generation, SamplingParams, load_runtime
+from rqat_deploy.serve.thinking import DEFAULT_RESTART_PATTERNS, analyze_response, is_truncated
+
+__all__ = ["DEFAULT_SPEED_TEXT", "model_labels", "run_bench", "score_response"]
+
+#: Speed-run prompt text when no dataset is given.
+DEFAULT_SPEED_TEXT = (
+    "A train leaves the station at 9:00 and travels at 80 km/h; a second train leaves at 10:30 at "
+    "120 km/h on the same track. When does the second train catch up with the first? "
+)
+REPORT_FORMAT_VERSION = 1
+
+
+def model_labels(models: Sequence[str]) -> list[str]:
+    """Short unique labels for model paths: the file / directory name, then ``parent/name``, then ``#i``."""
+    names = [Path(str(m).rstrip("/")).name or str(m) for m in models]
+    longer = [
+        "/".join(Path(str(m).rstrip("/")).parts[-2:]) if names.count(n) > 1 else n for m, n in zip(models, names)
+    ]
+    out = []
+    for i, label in enumerate(longer):
+        out.append(label if longer.count(label) == 1 else f"{label}#{i}")
+    return out
+
+
+def score_response(
+    example: EvalExample | None,
+    text: str,
+    *,
+    seed: int = 0,
+    grader: str = "auto",
+    restart_patterns: Sequence[str] = DEFAULT_RESTART_PATTERNS,
+    tokenizer: Any | None = None,
+    token_ids: Sequence[int] | None = None,
+    think_ids: tuple[int, int] | None = None,
+    starts_in_thinking: bool = False,
+    finish_reason: str | None = None,
+    truncated: bool | None = None,
+    n_completion_tokens: int | None = None,
+    max_tokens: int | None = None,
+    gold: str | None = None,
+) -> dict[str, Any]:
+    """Grade one response and measure its thinking: the per-response record of the report.
+
+    Args:
+        example: the question answered (None when only ``gold`` is known).
+        text: the response text.
+        seed: the sampling seed.
+        grader: equivalence backend (``auto``, ``fallback``, ``math-verify``).
+        restart_patterns: self-verification phrases to count.
+        tokenizer: tokenizer for thinking counts of text (None: the regex-words unit).
+        token_ids: generated ids (exact thinking counts with ``think_ids``).
+        think_ids: ``(<think> id, </think> id)``.
+        starts_in_thinking: the prompt ended inside ``<think>``.
+        finish_reason: the runtime's finish reason, when known.
+        truncated: an explicit truncation flag (used when ``finish_reason`` is unknown).
+        n_completion_tokens: generated tokens, when known.
+        max_tokens: the token limit, when known.
+        gold: gold answer overriding the example's.
+
+    Returns:
+        The record (JSON-serializable).
+    """
+    gold_answer = gold if gold is not None else (example.answer if example is not None else None)
+    grade = grade_response(text, gold_answer, backend=grader) if gold_answer is not None else None  # type: ignore[arg-type]
+    stats = analyze_response(
+        text, token_ids=token_ids, think_ids=think_ids, tokenizer=tokenizer,
+        restart_patterns=restart_patterns, starts_in_thinking=starts_in_thinking,
+    )
+    if finish_reason is None and truncated is not None:
+        trunc = bool(truncated)
+    else:
+        trunc = is_truncated(
+            finish_reason=finish_reason, n_completion_tokens=n_completion_tokens, max_tokens=max_tokens,
+            closed=stats.closed,
+        )
+    return {
+        "index": example.index if example is not None else None,
+        "source": example.source if example is not None else None,
+        "source_index": example.source_index if example is not None else None,
+        "seed": seed,
+        "gold": gold_answer,
+        "extracted": grade.extracted if grade else None,
+        "extract_method": grade.method if grade else None,
+        "correct": grade.correct if grade else None,
+        "thinking_tokens": stats.thinking_tokens,
+        "thinking_token_unit": stats.unit,
+        "has_thinking": stats.has_thinking,
+        "thinking_closed": stats.closed,
+        "restarts": stats.restarts,
+        "truncated": trunc,
+        "finish_reason": finish_reason,
+        "n_completion_tokens": n_completion_tokens,
+        "response": text,
+    }
+
+
+def _generation_record(example: EvalExample, gen: Generation, seed: int, opts: dict[str, Any]) -> dict[str, Any]:
+    rec = score_response(
+        example, gen.text, seed=seed, grader=opts["grader"], restart_patterns=opts["restart_patterns"],
+        token_ids=gen.token_ids, think_ids=gen.think_ids, starts_in_thinking=gen.starts_in_thinking,
+        finish_reason=gen.finish_reason, n_completion_tokens=gen.n_completion_tokens, max_tokens=opts["max_tokens"],
+    )
+    rec.update(
+        {
+            "sampling_seed": gen.seed,
+            "n_prompt_tokens": gen.n_prompt_tokens,
+            "ttft_s": gen.ttft_s,
+            "total_s": gen.total_s,
+            "prefill_tokens_per_s": gen.prefill_tokens_per_s,
+            "decode_tokens_per_s": gen.decode_tokens_per_s,
+        }
+    )
+    return rec
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="resp", disable=not enabled, dynamic_ncols=True)
+
+
+def _append_jsonl(fh: Any, obj: dict[str, Any]) -> None:
+    fh.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
+    fh.flush()
+
+
+def _bench_model(
+    model: str,
+    label: str,
+    examples: list[EvalExample],
+    opts: dict[str, Any],
+    responses_path: Path,
+) -> tuple[dict[str, Any], bool]:
+    """Speed run and evaluation of one model; returns (summary, interrupted)."""
+    runtime = load_runtime(
+        model, opts["runtime"], enable_thinking=opts["enable_thinking"], n_threads=opts["n_threads"],
+        device=opts["device"], **opts["runtime_options"],
+    )
+    records: list[dict[str, Any]] = []
+    speed_result = None
+    interrupted = False
+    info: dict[str, Any] = {"path": str(model), "label": label}
+    try:
+        info.update(model_info(model, hashes=opts["hashes"]))
+        info.update(runtime.describe())
+        if opts["speed"]:
+            text = examples[0].question if examples else DEFAULT_SPEED_TEXT
+            speed_result = runtime.speed(
+                runtime.render_prompt(text, opts["instruction"]), n_prompt_tokens=opts["speed_prompt_tokens"],
+                n_tokens=opts["speed_tokens"], repeats=opts["speed_repeats"], warmup=1, concurrency=opts["concurrency"],
+            )
+        prompts = [runtime.render_prompt(ex.question, opts["instruction"]) for ex in examples]
+        responses_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(responses_path, "w", encoding="utf-8") as fh, _progress(
+            len(examples) * opts["seeds"], label, opts["progress"]
+        ) as bar:
+            for seed in range(opts["seeds"]):
+                sampling = SamplingParams(
+                    temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
+                    max_tokens=opts["max_tokens"], greedy=opts["greedy"], seed=seed,
+                )
+
+                def on_result(i: int, gen: Generation, seed: int = seed) -> None:
+                    rec = _generation_record(examples[i], gen, seed, opts)
+                    records.append(rec)
+                    _append_jsonl(fh, {"model": label, **rec})
+                    bar.update(1)
+                    if rec["correct"] is not None:
+                        done = [r for r in records if r["correct"] is not None]
+                        bar.set_postfix(acc=f"{sum(r['correct'] for r in done) / len(done):.3f}")
+
+                runtime.generate(prompts, sampling, seeds=[sampling.seed_for(ex.index) for ex in examples], on_result=on_result)
+    except KeyboardInterrupt:  # GenerationInterrupted included: keep what finished
+        interrupted = True
+    finally:
+        info.update(runtime.describe())  # again: the context size is known only after generating
+        runtime.close()
+    return summarize_model(records, speed=speed_result, info=info), interrupted
+
+
+def _read_responses(paths: Sequence[str]) -> "OrderedDict[str, list[dict[str, Any]]]":
+    groups: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"responses file {p} does not exist")
+        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}:{lineno}: not a JSON object ({exc})") from exc
+            if not isinstance(row, dict) or not isinstance(row.get("response"), str):
+                raise DataError(f"{p}:{lineno}: each line needs a string `response` field")
+            row["_where"] = f"{p}:{lineno}"
+            groups.setdefault(str(row.get("model") or p.stem), []).append(row)
+    if not groups:
+        raise DataError(f"no responses in {list(paths)}")
+    return groups
+
+
+def _grade_rows(
+    rows: list[dict[str, Any]], examples: list[EvalExample] | None, opts: dict[str, Any], tokenizer: Any
+) -> list[dict[str, Any]]:
+    position: dict[int, int] = {}
+    records = []
+    for row in rows:
+        seed = int(row.get("seed", 0) or 0)
+        if row.get("index") is not None:
+            index = int(row["index"])
+        else:
+            index = position.get(seed, 0)
+        position[seed] = index + 1
+        example = None
+        if examples is not None:
+            if not 0 <= index < len(examples):
+                raise DataError(f"{row['_where']}: index {index} is outside the dataset (0..{len(examples) - 1})")
+            example = examples[index]
+        gold = row.get("gold") if example is None else None
+        if example is None and gold is None:
+            raise DataError(f"{row['_where']}: no dataset given and the row has no `gold` answer; pass --dataset")
+        rec = score_response(
+            example, row["response"], seed=seed, grader=opts["grader"], restart_patterns=opts["restart_patterns"],
+            tokenizer=tokenizer, finish_reason=row.get("finish_reason"), truncated=row.get("truncated"),
+            n_completion_tokens=row.get("n_completion_tokens"), max_tokens=opts["max_tokens"],
+            gold=str(gold) if gold is not None else None,
+        )
+        if example is None:
+            rec["index"] = index
+        records.append(rec)
+    return records
+
+
+def run_bench(
+    models: Sequence[str],
+    dataset_spec: str | None,
+    *,
+    responses: str | Sequence[str] | None = None,
+    limit: int | None = None,
+    max_tokens: int = 32768,
+    runtime: str | None = None,
+    seeds: int = 1,
+    out_dir: str | os.PathLike[str] = "bench",
+    baseline: str | None = None,
+    greedy: bool = False,
+    temperature: float = 0.6,
+    top_k: int = 20,
+    top_p: float = 1.0,
+    enable_thinking: bool = True,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    split: str | None = None,
+    grader: str = "auto",
+    restart_patterns: Sequence[str] | None = None,
+    tokenizer: str | None = None,
+    speed: bool = True,
+    speed_prompt_tokens: int = 512,
+    speed_tokens: int = 128,
+    speed_repeats: int = 3,
+    concurrency: int = 1,
+    n_threads: int | None = None,
+    device: str | None = None,
+    runtime_options: dict[str, Any] | None = None,
+    hashes: bool = True,
+    plots: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Benchmark models (generate mode) or grade saved responses (grade-only mode).
+
+    Args:
+        models: model paths (GGUF files, model / checkpoint / export directories, Hub ids); empty
+            in grade-only mode.
+        dataset_spec: evaluation SPEC (``source[:weight]``, comma-separated); None runs only the
+            speed measurement (generate mode) or takes gold answers from the rows' ``gold`` field
+            (grade-only mode).
+        responses: JSONL file(s) of responses to grade instead of generating.
+        limit: at most this many questions.
+        max_tokens: generated-token limit per response (also the truncation limit when grading
+            rows that report ``n_completion_tokens``).
+        runtime: ``llama.cpp`` / ``transformers`` / ``vllm``; None picks by file type.
+        seeds: sampling seeds 0..seeds-1 (accuracy confidence interval over them).
+        out_dir: output directory (``report.json``, ``report.md``, plots, ``responses/``).
+        baseline: label or path of the model the ratios are computed against (default the first).
+        greedy: greedy decoding instead of sampling.
+        temperature: sampling temperature (paper: 0.6).
+        top_k: top-k (paper: 20; 0 disables).
+        top_p: top-p (1.0 disables).
+        enable_thinking: thinking mode in the chat template.
+        instruction: appended to each question (None: nothing).
+        question_field: dataset question column (detected when None).
+        answer_field: dataset answer column (detected when None).
+        split: split of Hub / directory datasets.
+        grader: ``auto`` / ``fallback`` / ``math-verify``.
+        restart_patterns: self-verification phrases (default
+            :data:`~rqat_deploy.serve.thinking.DEFAULT_RESTART_PATTERNS`).
+        tokenizer: grade-only: a tokenizer (directory or Hub id) to count thinking tokens with.
+        speed: make the speed run (generate mode).
+        speed_prompt_tokens: prompt length of the speed run.
+        speed_tokens: tokens generated per speed repetition.
+        speed_repeats: measured speed repetitions (after one warm-up).
+        concurrency: sequences at once for the throughput measurement (> 1 where supported).
+        n_threads: CPU threads of the runtime.
+        device: ``cpu`` / ``cuda``.
+        runtime_options: extra keyword arguments of the runtime class.
+        hashes: record sha256 of the model files.
+        plots: write PNG plots (when matplotlib is importable).
+        progress: show tqdm progress bars.
+
+    Returns:
+        The report dict, as written to ``out_dir/report.json``; ``report["interrupted"]`` is True
+        when Ctrl-C stopped the run (the report covers what finished).
+
+    Raises:
+        ConfigError: inconsistent arguments (both or neither of ``models`` / ``responses``...).
+        DataError: unreadable dataset or responses.
+        BackendError / ModelLoadError: a runtime or model that cannot be loaded.
+    """
+    models = list(models or [])
+    if responses is not None and models:
+        raise ConfigError("give either models to run (--model) or responses to grade (--responses), not both")
+    if responses is None and not models:
+        raise ConfigError("nothing to benchmark: give --model PATH (one or more) or --responses FILE.jsonl")
+    if seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {seeds}")
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    if grader not in ("auto", "fallback", "math-verify"):
+        raise ConfigError(f"unknown grader {grader!r}; choose auto, fallback or math-verify")
+    if grader == "math-verify" and not math_verify_available():
+        raise ConfigError("grader math-verify needs `pip install math-verify` (or the `bench` extra)")
+    # Validate the sampling settings before any model is loaded.
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, greedy=greedy)
+    out = Path(out_dir)
+    opts: dict[str, Any] = {
+        "runtime": runtime, "max_tokens": max_tokens, "seeds": seeds, "greedy": greedy, "temperature": temperature,
+        "top_k": top_k, "top_p": top_p, "enable_thinking": enable_thinking, "instruction": instruction,
+        "grader": grader, "restart_patterns": tuple(restart_patterns if restart_patterns is not None else DEFAULT_RESTART_PATTERNS),
+        "speed": speed, "speed_prompt_tokens": speed_prompt_tokens, "speed_tokens": speed_tokens,
+        "speed_repeats": speed_repeats, "concurrency": concurrency, "n_threads": n_threads, "device": device,
+        "runtime_options": dict(runtime_options or {}), "hashes": hashes, "progress": progress,
+    }
+    examples = (
+        load_eval_set(dataset_spec, limit=limit, question_field=question_field, answer_field=answer_field, split=split)
+        if dataset_spec
+        else None
+    )
+    report: dict[str, Any] = {
+        "format_version": REPORT_FORMAT_VERSION,
+        "tool": "rqat-deploy bench",
+        "created": now_iso(),
+        "mode": "grade" if responses is not None else "generate",
+        "config": {k: v for k, v in opts.items() if k not in ("progress",)} | {"limit": limit},
+        "dataset": {
+            "spec": dataset_spec,
+            "n": len(examples) if examples is not None else None,
+            "sources": _source_counts(examples),
+        },
+        "environment": environment_info(),
+        "packages": package_versions(),
+        "models": {},
+        "interrupted": False,
+        "responses_files": {},
+    }
+    report["config"]["restart_patterns"] = list(opts["restart_patterns"])
+    summaries: dict[str, dict[str, Any]] = {}
+    if responses is not None:
+        paths = [responses] if isinstance(responses, str) else list(responses)
+        tok = _load_tokenizer(tokenizer)
+        for label, rows in _read_responses(paths).items():
+            records = _grade_rows(rows, examples, opts, tok)
+            summaries[label] = summarize_model(
+                records, info={"label": label, "responses": paths, "runtime": None, "thinking_tokenizer": tokenizer}
+            )
+    else:
+        for model, label in zip(models, model_labels(models)):
+            path = out / "responses" / f"{_safe(label)}.jsonl"
+            try:
+                summary, interrupted = _bench_model(model, label, examples or [], opts, path)
+            except KeyboardInterrupt:  # while loading the model: report the models that finished
+                report["interrupted"] = True
+                break
+            summaries[label] = summary
+            report["responses_files"][label] = str(path.relative_to(out))
+            if interrupted:
+                report["interrupted"] = True
+                break
+    report["models"] = summaries
+    if len(summaries) >= 2:
+        report["compare"] = compare_models(summaries, _baseline_label(baseline, models, summaries))
+    written = write_report(report, out, plots=plots)
+    report["outputs"] = {"json": str(written["json"]), "markdown": str(written["markdown"]), "plots": [str(p) for p in written["plots"]]}
+    return report
+
+
+def _safe(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.#" else "_" for ch in label)
+
+
+def _source_counts(examples: list[EvalExample] | None) -> dict[str, int] | None:
+    if examples is None:
+        return None
+    counts: dict[str, int] = {}
+    for ex in examples:
+        counts[ex.source] = counts.get(ex.source, 0) + 1
+    return counts
+
+
+def _baseline_label(baseline: str | None, models: Sequence[str], summaries: dict[str, Any]) -> str:
+    labels = list(summaries)
+    if baseline is None:
+        return labels[0]
+    if baseline in summaries:
+        return baseline
+    for model, label in zip(models, model_labels(models)):
+        if os.path.normpath(str(model)) == os.path.normpath(baseline) and label in summaries:
+            return label
+    raise ConfigError(f"baseline {baseline!r} is not one of the models {labels}")
+
+
+def _load_tokenizer(name: str | None) -> Any:
+    if name is None:
+        return None
+    from transformers import AutoTokenizer
+
+    from rqat_deploy.errors import ModelLoadError
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load tokenizer {name!r} for thinking counts: {exc}") from exc

@@ -1,0 +1,606 @@
+"""Benchmark reports: per-model summaries, ``report.json``, ``report.md`` and PNG plots.
+
+``report.json`` (DESIGN.md 9) holds, per model under ``models[<label>]``, at least ``accuracy``,
+``n``, ``thinking_tokens_mean``, ``thinking_tokens_correct_mean``, ``thinking_tokens_incorrect_mean``,
+``truncated_fraction`` and, for runtimes that generate, ``ttft_s``, ``prefill_tokens_per_s``,
+``decode_tokens_per_s`` (medians of the speed runs, or of the evaluation generations when no speed
+run was made). Besides: the accuracy confidence interval over seeds, per-seed accuracies, restart
+counts, every raw per-response measurement (``raw``; the texts are in the responses JSONL), the
+speed repetitions, the model's files and sha256, the environment and package versions, and, with
+several models, ratios to a baseline (``compare``). Every file is written to a temporary name in the
+same directory and renamed, so a report is never half-written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+from importlib import metadata as _metadata
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+__all__ = [
+    "COMPARE_FIELDS",
+    "PACKAGES",
+    "accuracy_interval",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "compare_models",
+    "environment_info",
+    "file_hashes",
+    "model_info",
+    "package_versions",
+    "render_markdown",
+    "spread_stats",
+    "summarize_model",
+    "write_plots",
+    "write_report",
+]
+
+#: Packages whose versions every report records (absent ones are recorded as None).
+PACKAGES: tuple[str, ...] = (
+    "rqat-deploy", "torch", "transformers", "tokenizers", "datasets", "safetensors", "gguf",
+    "llama-cpp-python", "vllm", "compressed-tensors", "math-verify", "numpy", "matplotlib",
+)
+#: Per-model fields that ``compare`` divides by the baseline's.
+COMPARE_FIELDS: tuple[str, ...] = (
+    "accuracy", "thinking_tokens_mean", "thinking_tokens_correct_mean", "thinking_tokens_incorrect_mean",
+    "truncated_fraction", "restarts_mean", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+)
+# Two-sided 95 % Student-t quantiles for 1..30 degrees of freedom.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+    2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+    2.045, 2.042,
+)
+_HASHED_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write bytes to a temporary file beside ``path`` and rename it over ``path``.
+
+    Args:
+        path: destination.
+        data: content.
+
+    Returns:
+        The destination path.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """UTF-8 variant of :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def _mean(values: Iterable[float | int | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _median(values: Iterable[float | int | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def spread_stats(values: Sequence[float]) -> dict[str, float | int | None]:
+    """Median, min, max, standard deviation and count of repeated measurements."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "std": None, "n": 0}
+    return {
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "n": len(vals),
+    }
+
+
+def accuracy_interval(per_seed: Sequence[float], n_correct: int, n_total: int) -> dict[str, Any]:
+    """95 % confidence interval of the accuracy.
+
+    With two or more seeds: mean of the per-seed accuracies +- Student-t quantile x standard error
+    (the spread between sampling seeds, as the paper reports). With one seed: the Wilson score
+    interval of ``n_correct / n_total`` (the sampling error over questions).
+
+    Args:
+        per_seed: accuracy of each seed.
+        n_correct: correct responses over all seeds.
+        n_total: graded responses over all seeds.
+
+    Returns:
+        ``{"low", "high", "std", "method"}`` (None values when nothing was graded).
+    """
+    if n_total == 0:
+        return {"low": None, "high": None, "std": None, "method": None}
+    if len(per_seed) >= 2:
+        k = len(per_seed)
+        mean = sum(per_seed) / k
+        std = statistics.stdev(per_seed)
+        t = _T975[k - 2] if k - 1 <= len(_T975) else 1.96
+        half = t * std / math.sqrt(k)
+        return {"low": max(0.0, mean - half), "high": min(1.0, mean + half), "std": std, "method": f"t over {k} seeds"}
+    z = 1.959964
+    p = n_correct / n_total
+    denom = 1 + z * z / n_total
+    center = (p + z * z / (2 * n_total)) / denom
+    half = z * math.sqrt(p * (1 - p) / n_total + z * z / (4 * n_total * n_total)) / denom
+    return {"low": max(0.0, center - half), "high": min(1.0, center + half), "std": None, "method": f"wilson over {n_total} responses"}
+
+
+def summarize_model(
+    records: Sequence[dict[str, Any]],
+    *,
+    speed: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Summarize one model's per-response records.
+
+    Args:
+        records: one dict per response with at least ``index``, ``seed``, ``correct`` (None when the
+            question has no gold answer), ``thinking_tokens``, ``truncated``, ``restarts``; and,
+            from runtimes, ``ttft_s``, ``prefill_tokens_per_s``, ``decode_tokens_per_s``.
+        speed: the runtime's speed measurement (see ``Runtime.speed``), if one was made.
+        info: model description (path, runtime, bits, hashes...) merged into the summary.
+
+    Returns:
+        The per-model entry of ``report.json``.
+    """
+    graded = [r for r in records if r.get("correct") is not None]
+    correct = [r for r in graded if r["correct"]]
+    incorrect = [r for r in graded if not r["correct"]]
+    seeds = sorted({r.get("seed", 0) for r in graded})
+    per_seed = {}
+    for s in seeds:
+        rs = [r for r in graded if r.get("seed", 0) == s]
+        per_seed[str(s)] = sum(bool(r["correct"]) for r in rs) / len(rs)
+    ci = accuracy_interval(list(per_seed.values()), len(correct), len(graded))
+    think = [r.get("thinking_tokens") for r in records]
+    think_vals = sorted(float(t) for t in think if t is not None)
+    units = sorted({r.get("thinking_token_unit") for r in records if r.get("thinking_token_unit")})
+    out: dict[str, Any] = dict(info or {})
+    out.update(
+        {
+            "n": len({r["index"] for r in records}),
+            "n_responses": len(records),
+            "n_graded": len(graded),
+            "seeds": seeds,
+            "accuracy": len(correct) / len(graded) if graded else None,
+            "accuracy_per_seed": per_seed,
+            "accuracy_std": ci["std"],
+            "accuracy_ci95": [ci["low"], ci["high"]],
+            "accuracy_ci_method": ci["method"],
+            "answer_found_fraction": _mean(r.get("extracted") is not None for r in graded),
+            "thinking_tokens_mean": _mean(think),
+            "thinking_tokens_median": _median(think),
+            "thinking_tokens_p90": think_vals[min(len(think_vals) - 1, math.ceil(0.9 * len(think_vals)) - 1)] if think_vals else None,
+            "thinking_tokens_correct_mean": _mean(r.get("thinking_tokens") for r in correct),
+            "thinking_tokens_incorrect_mean": _mean(r.get("thinking_tokens") for r in incorrect),
+            "thinking_token_unit": units[0] if len(units) == 1 else (units or None),
+            "thinking_closed_fraction": _mean(r.get("thinking_closed") for r in records if r.get("has_thinking")),
+            "truncated_fraction": _mean(r.get("truncated") for r in records),
+            "restarts_mean": _mean(r.get("restarts") for r in records),
+            "restarts_correct_mean": _mean(r.get("restarts") for r in correct),
+            "restarts_incorrect_mean": _mean(r.get("restarts") for r in incorrect),
+            "completion_tokens_mean": _mean(r.get("n_completion_tokens") for r in records),
+        }
+    )
+    gen_timing = {
+        key: spread_stats([r[key] for r in records if r.get(key) is not None])
+        for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")
+    }
+    if any(v["n"] for v in gen_timing.values()):
+        out["generation_timing"] = gen_timing
+    for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        from_speed = (speed or {}).get(key, {})
+        value = from_speed.get("median") if isinstance(from_speed, dict) else None
+        if value is None and gen_timing[key]["n"]:
+            value = gen_timing[key]["median"]
+        out[key] = value
+    if speed is not None:
+        out["speed"] = speed
+    out["raw"] = [{k: v for k, v in r.items() if k not in ("response", "question")} for r in records]
+    return out
+
+
+def compare_models(models: dict[str, dict[str, Any]], baseline: str) -> dict[str, Any]:
+    """Ratios of each model's headline numbers to a baseline model's.
+
+    Args:
+        models: per-model summaries by label.
+        baseline: the label of the baseline.
+
+    Returns:
+        ``{"baseline": label, "ratios": {label: {field: value / baseline value or None}}}``; a
+        ratio is None when either value is missing or the baseline's is 0.
+    """
+    base = models[baseline]
+    ratios: dict[str, dict[str, float | None]] = {}
+    for label, m in models.items():
+        row = {}
+        for key in COMPARE_FIELDS:
+            a, b = m.get(key), base.get(key)
+            row[key] = (a / b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b != 0 else None
+        ratios[label] = row
+    return {"baseline": baseline, "fields": list(COMPARE_FIELDS), "ratios": ratios}
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment, versions, model files
+# --------------------------------------------------------------------------------------------------
+
+
+def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+    """Installed versions of ``names`` (None when not installed)."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = _metadata.version(name)
+        except _metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def environment_info() -> dict[str, Any]:
+    """Where the benchmark ran: OS, Python, CPU, thread counts, accelerator."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda_available"] = bool(torch.cuda.is_available())
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["cuda"] = torch.version.cuda
+    except Exception:  # torch missing or broken: the report still gets written
+        info["cuda_available"] = None
+    return info
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hashes(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """sha256 and size of a model file, or of every weight / config / tokenizer file of a directory.
+
+    Args:
+        path: a file (``.gguf``) or a model directory.
+
+    Returns:
+        ``{relative name: {"sha256", "bytes"}}`` (empty for a Hub id that is not on disk).
+    """
+    p = Path(path)
+    if p.is_file():
+        return {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}}
+    if not p.is_dir():
+        return {}
+    out = {}
+    for f in sorted(p.rglob("*")):
+        if f.is_file() and f.suffix in _HASHED_SUFFIXES:
+            out[str(f.relative_to(p))] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    return out
+
+
+_GGUF_NOMINAL_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8, "Q6_K": 6, "Q5_K": 5, "Q5_0": 5, "Q5_1": 5,
+                      "Q4_K": 4, "Q4_0": 4, "Q4_1": 4, "Q3_K": 3, "Q2_K": 2, "TQ2_0": 2, "TQ1_0": 1.6}
+
+
+def _gguf_bits(path: Path) -> dict[str, Any]:
+    """Nominal bits and effective bits per weight of the decoder-block matrices of a GGUF file."""
+    try:
+        import gguf
+    except ImportError:
+        return {}
+    reader = gguf.GGUFReader(str(path))
+    by_type: dict[str, int] = {}
+    n_el = n_bytes = 0
+    for t in reader.tensors:
+        if not t.name.startswith("blk.") or len(t.shape) < 2:
+            continue
+        name = t.tensor_type.name
+        by_type[name] = by_type.get(name, 0) + int(t.n_elements)
+        n_el += int(t.n_elements)
+        n_bytes += int(t.n_bytes)
+    if not n_el:
+        return {}
+    main = max(by_type, key=lambda k: by_type[k])
+    return {
+        "bits": _GGUF_NOMINAL_BITS.get(main),
+        "bits_per_weight": 8.0 * n_bytes / n_el,
+        "weight_types": by_type,
+    }
+
+
+def _dir_bits(path: Path) -> dict[str, Any]:
+    """Bits of a quantized checkpoint, a compressed-tensors / GPTQ export or a float model directory."""
+    quant = path / "rqat_quant.json"
+    if quant.exists():
+        meta = json.loads(quant.read_text())
+        bits, grid, g = int(meta["bits"]), meta.get("grid", "uniform"), int(meta.get("group_size", 128))
+        if grid == "kquant":
+            bpw = {2: 2.625, 3: 3.4375}.get(bits)
+        else:
+            bpw = bits + (16 + 8) / g  # fp16 scale + uint8 zero per group
+        return {"bits": bits, "bits_per_weight": bpw, "grid": grid, "group_size": g}
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        return {}
+    cfg = json.loads(cfg_path.read_text())
+    qc = cfg.get("quantization_config")
+    if isinstance(qc, dict):
+        bits = qc.get("bits")
+        group = qc.get("group_size")
+        for group_cfg in (qc.get("config_groups") or {}).values():
+            weights = (group_cfg or {}).get("weights") or {}
+            bits, group = weights.get("num_bits", bits), weights.get("group_size", group)
+        if bits:
+            bpw = bits + (16 + bits) / group if group else float(bits)
+            return {"bits": int(bits), "bits_per_weight": bpw, "quant_method": qc.get("quant_method")}
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
+    width = {"float32": 32, "bfloat16": 16, "float16": 16}.get(dtype)
+    return {"bits": width, "bits_per_weight": float(width) if width else None}
+
+
+def model_info(path: str, *, hashes: bool = True) -> dict[str, Any]:
+    """Describe a model for the report: path, kind, bits, file hashes.
+
+    Args:
+        path: a GGUF file, a model directory or a Hub id.
+        hashes: compute sha256 of the model files.
+
+    Returns:
+        ``{"path", "kind", "bits", "bits_per_weight", "files", ...}``.
+    """
+    p = Path(path)
+    info: dict[str, Any] = {"path": str(path)}
+    try:
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            info["kind"] = "gguf"
+            info.update(_gguf_bits(p))
+        elif p.is_dir():
+            info["kind"] = "checkpoint" if (p / "rqat_quant.json").exists() else "hf"
+            info.update(_dir_bits(p))
+        else:
+            info["kind"] = "hub"
+    except Exception as exc:  # a bits guess must never stop a benchmark
+        info["bits_error"] = f"{type(exc).__name__}: {exc}"
+    info.setdefault("bits", None)
+    info.setdefault("bits_per_weight", None)
+    if hashes:
+        info["files"] = file_hashes(p)
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown and plots
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: ``–`` for missing, fixed decimals for ordinary floats, ``g`` format for extremes."""
+    if value is None:
+        return "–"
+    if isinstance(value, (bool, int)):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.{digits}g}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The ``report.md`` text: one row per model, the comparison to the baseline, the environment."""
+    lines = ["# rqat-deploy bench", ""]
+    ds = report.get("dataset") or {}
+    lines.append(f"Dataset: `{ds.get('spec')}` ({ds.get('n')} questions); created {report.get('created')}.")
+    cfg = report.get("config") or {}
+    if cfg:
+        shown = ", ".join(
+            f"{k}={cfg[k] if cfg[k] is not None else 'auto'}"
+            for k in ("runtime", "max_tokens", "seeds", "temperature", "top_k", "top_p", "greedy", "grader")
+            if k in cfg
+        )
+        lines.append(f"Settings: {shown}.")
+    if report.get("interrupted"):
+        lines.append("**Interrupted**: the numbers cover the responses that finished.")
+    lines += [
+        "",
+        "| model | runtime | bits/w | n | accuracy | 95% CI | think tok | think (correct) | think (incorrect) | truncated | restarts | TTFT s | prefill tok/s | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, m in report.get("models", {}).items():
+        ci = m.get("accuracy_ci95") or [None, None]
+        bits = m.get("bits_per_weight") if m.get("bits_per_weight") is not None else m.get("bits")
+        lines.append(
+            "| " + " | ".join(
+                [
+                    f"`{label}`", str(m.get("runtime") or "–"), _fmt(bits), str(m.get("n")), _fmt(m.get("accuracy")),
+                    f"{_fmt(ci[0])}–{_fmt(ci[1])}" if ci[0] is not None else "–",
+                    _fmt(m.get("thinking_tokens_mean"), 1), _fmt(m.get("thinking_tokens_correct_mean"), 1),
+                    _fmt(m.get("thinking_tokens_incorrect_mean"), 1), _fmt(m.get("truncated_fraction")),
+                    _fmt(m.get("restarts_mean"), 2), _fmt(m.get("ttft_s")), _fmt(m.get("prefill_tokens_per_s"), 1),
+                    _fmt(m.get("decode_tokens_per_s"), 1),
+                ]
+            ) + " |"
+        )
+    units = {m.get("thinking_token_unit") for m in report.get("models", {}).values()} - {None}
+    if units:
+        lines.append("")
+        lines.append(f"Thinking tokens counted as: {', '.join(sorted(map(str, units)))}.")
+    comp = report.get("compare")
+    if comp:
+        lines += ["", f"## Ratios to `{comp['baseline']}`", ""]
+        fields = comp["fields"]
+        lines.append("| model | " + " | ".join(fields) + " |")
+        lines.append("|---|" + "---|" * len(fields))
+        for label, row in comp["ratios"].items():
+            lines.append(f"| `{label}` | " + " | ".join(_fmt(row.get(f), 3) for f in fields) + " |")
+    env = report.get("environment") or {}
+    if env:
+        lines += ["", "## Environment", ""]
+        for key in ("platform", "python", "cpu", "cpu_count", "torch_threads", "gpu"):
+            if env.get(key) is not None:
+                lines.append(f"- {key}: {env[key]}")
+        versions = {k: v for k, v in (report.get("packages") or {}).items() if v}
+        if versions:
+            lines.append("- packages: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    return "\n".join(lines) + "\n"
+
+
+def _figure_png(fig: Any) -> bytes:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def write_plots(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """PNG plots, when matplotlib is importable (no global pyplot state is touched).
+
+    - ``thinking_tokens.png``: the distribution of thinking tokens per response, one histogram per
+      model (step outlines on shared bins), means marked.
+    - ``accuracy_vs_bits.png``: accuracy (with its 95 % interval) against bits per weight, for the
+      models whose bits are known.
+
+    Args:
+        report: the report dict.
+        out_dir: where to write.
+
+    Returns:
+        The files written (empty without matplotlib or data).
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return []
+    out = Path(out_dir)
+    written: list[Path] = []
+    models = report.get("models", {})
+    series = {
+        label: [r["thinking_tokens"] for r in m.get("raw", []) if r.get("thinking_tokens") is not None]
+        for label, m in models.items()
+    }
+    series = {k: v for k, v in series.items() if v}
+    if series:
+        fig = Figure(figsize=(7, 4))
+        ax = fig.add_subplot(1, 1, 1)
+        hi = max(max(v) for v in series.values())
+        bins = [hi * i / 30 for i in range(31)] if hi > 0 else [0, 1]
+        for i, (label, vals) in enumerate(series.items()):
+            color = f"C{i % 10}"
+            ax.hist(vals, bins=bins, histtype="step", linewidth=1.6, color=color, label=f"{label} (mean {sum(vals) / len(vals):.0f})")
+            ax.axvline(sum(vals) / len(vals), color=color, linestyle="--", linewidth=1)
+        unit = {m.get("thinking_token_unit") for m in models.values()} - {None}
+        ax.set_xlabel(f"thinking tokens per response ({', '.join(map(str, unit)) or 'tokens'})")
+        ax.set_ylabel("responses")
+        ax.set_title("Thinking length")
+        ax.legend(fontsize=8)
+        written.append(atomic_write_bytes(out / "thinking_tokens.png", _figure_png(fig)))
+    points = []
+    for label, m in models.items():
+        bits = m.get("bits_per_weight") if m.get("bits_per_weight") is not None else m.get("bits")
+        if bits is not None and m.get("accuracy") is not None:
+            points.append((label, float(bits), m["accuracy"], m.get("accuracy_ci95") or [None, None]))
+    if points:
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot(1, 1, 1)
+        for i, (label, bits, acc, ci) in enumerate(points):
+            err = None
+            if ci[0] is not None and ci[1] is not None:
+                err = [[max(0.0, acc - ci[0])], [max(0.0, ci[1] - acc)]]
+            ax.errorbar([bits], [acc], yerr=err, fmt="o", capsize=4, color=f"C{i % 10}", label=label)
+        xs = [b for _, b, _, _ in points]
+        if min(xs) > 0 and max(xs) / min(xs) > 4:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel("bits per weight")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("Accuracy vs bits")
+        ax.legend(fontsize=8)
+        written.append(atomic_write_bytes(out / "accuracy_vs_bits.png", _figure_png(fig)))
+    return written
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str], *, plots: bool = True) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` and the plots into ``out_dir`` (atomically, file by file).
+
+    Args:
+        report: the report dict (JSON-serializable).
+        out_dir: output directory (created).
+        plots: also write PNG plots when matplotlib is importable.
+
+    Returns:
+        ``{"json": path, "markdown": path, "plots": [paths]}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Any] = {
+        "json": atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str, allow_nan=True) + "\n"),
+        "markdown": atomic_write_text(out / "report.md", render_markdown(report)),
+    }
+    paths["plots"] = write_plots(report, out) if plots else []
+    return paths
+
+
+def now_iso() -> str:
+    """Current UTC time, ISO 8601, seconds precision."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
