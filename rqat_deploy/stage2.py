@@ -1,0 +1,618 @@
+"""Stage 2: end-to-end scale-only training with the teacher-guided reward-rectification loss.
+
+The student is a model in the ``stage2`` form (QuantLinear with frozen integer codes, e.g. from
+``rqat_deploy.checkpoint.load_model(path, form="stage2")`` or after stage 1 and
+:func:`rqat_deploy.surgery.freeze_codes`). Codes and zero points stay fixed; only the quantization
+scales train (uniform: ``scale``; Q2_K: ``d``, ``dmin``; Q3_K: ``d``; optionally the integer k-quant
+sub-scales through straight-through rounding), plus any parameter named in ``extra_trainable``.
+
+One optimizer *step* consumes a global batch of ``global_batch`` samples (paper: 64), split into
+micro-batches of ``micro_batch`` samples whose gradients accumulate; every loss term is divided by
+the completion-token count of the whole global batch, so the accumulated gradient is the global
+per-token mean whatever the micro-batch size. AdamW, linear warm-up then cosine (or linear) decay,
+gradient-norm clipping.
+
+Long runs: ``state_dir`` receives ``stage2_state.pt`` every ``save_every`` steps, at the end and on
+Ctrl-C (trainable parameters, optimizer, scheduler, RNG states, step = data position, the
+held-out metrics before training); ``resume=True`` continues from it to the same result, bit for
+bit, as an uninterrupted run (the data order of each epoch is a fixed function of ``seed`` and the
+epoch). A non-finite loss, gradient or scale stops the run with :class:`NonFiniteError` naming the
+step and module; the state on disk stays the last good one. Metrics go to a JSONL file (and to
+TensorBoard when installed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rqat_deploy.data import SFTSet
+from rqat_deploy.errors import ConfigError, RqatError
+from rqat_deploy.losses import LossConfig, chunked_loss, token_metrics
+from rqat_deploy.surgery import freeze_codes, quant_linears
+from rqat_deploy.teacher import Teacher, decoder_and_head
+
+STATE_FILE = "stage2_state.pt"
+METRICS_FILE = "stage2_metrics.jsonl"
+SCHEDULES = ("cosine", "linear", "constant")
+#: config fields that may change between an interrupted run and its resumption
+_RESUME_FREE = ("save_every", "log_every", "tensorboard", "log_path")
+_SMALL_MODEL_PARAMS = 3e9  # "1.7B" vs "larger models" in the paper's learning rates
+
+
+class NonFiniteError(RqatError, ArithmeticError):
+    """A NaN or infinity in a loss, gradient or quantization scale; the message names where."""
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage-2 hyperparameters; defaults are the paper's (DESIGN.md 5).
+
+    Attributes:
+        epochs: passes over the training samples; ``None`` = paper default (3 for 2-bit models up
+            to ~2B parameters, else 1).
+        lr: peak learning rate; ``None`` = paper default: 1e-6 at 3 (and 4) bits, 5e-6 at 2 bits for
+            models up to ~2B parameters, 1e-4 at 2 bits for larger ones.
+        global_batch: samples per optimizer step (paper 64).
+        micro_batch: samples per forward/backward (gradient accumulation over global/micro).
+        loss_terms: loss term set or preset (:mod:`rqat_deploy.losses`; paper ``R+S``).
+        alpha: weight of CE-type terms (paper 0.2).
+        beta: weight of divergence terms (paper 1.0).
+        top_k: teacher top-k (paper 20).
+        renormalize_topk: renormalise top-k terms over the top-k set (released code: no).
+        loss_chunk: completion tokens per logits chunk.
+        schedule: ``cosine`` (paper), ``linear`` (released code) or ``constant`` after warm-up.
+        warmup_ratio: fraction of steps of linear warm-up (the paper gives none; 3 %).
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        weight_decay: AdamW weight decay (0: scales are not decayed).
+        betas, eps: AdamW moments.
+        max_grad_norm: gradient-norm clipping threshold; ``None`` disables clipping.
+        train_sub_scales: k-quant grid: also train the integer sub-scales (straight-through).
+        extra_trainable: ``fnmatch`` patterns of further parameter names to train (e.g.
+            ``"*norm*"``, ``"lm_head.weight"``: the released code's variant).
+        eval_samples: samples held out from the end of the data for the before/after KL.
+        max_steps: stop after this many steps (the schedule spans the capped run).
+        save_every: steps between states written to ``state_dir`` (0: only at the end / Ctrl-C).
+        log_every: steps between metric lines.
+        seed: data-order and RNG seed.
+        autocast_dtype: ``"bfloat16"``/``"float16"`` autocast on CUDA, ``None`` for none.
+        gradient_checkpointing: recompute decoder-block activations in the backward (Hugging Face
+            gradient checkpointing, non-reentrant): far less activation memory for long sequences,
+            same result.
+        tensorboard: also log to TensorBoard when it is installed and a log directory exists.
+        log_path: JSONL metrics file; default ``state_dir/stage2_metrics.jsonl`` (none without a state dir).
+    """
+
+    epochs: int | None = None
+    lr: float | None = None
+    global_batch: int = 64
+    micro_batch: int = 1
+    loss_terms: str = "R+S"
+    alpha: float = 0.2
+    beta: float = 1.0
+    top_k: int = 20
+    renormalize_topk: bool = False
+    loss_chunk: int = 1024
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    train_sub_scales: bool = False
+    extra_trainable: tuple[str, ...] = ()
+    eval_samples: int = 64
+    max_steps: int | None = None
+    save_every: int = 100
+    log_every: int = 1
+    seed: int = 0
+    autocast_dtype: str | None = "bfloat16"
+    gradient_checkpointing: bool = False
+    tensorboard: bool = True
+    log_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("global_batch", "micro_batch", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch > self.global_batch:
+            raise ConfigError(f"micro_batch ({self.micro_batch}) cannot exceed global_batch ({self.global_batch})")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+        if self.eval_samples < 0 or self.save_every < 0:
+            raise ConfigError("eval_samples and save_every must be >= 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ConfigError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
+        self.loss_config()  # validates loss_terms, top_k, loss_chunk
+
+    def loss_config(self) -> LossConfig:
+        """The :class:`LossConfig` these settings describe."""
+        return LossConfig(self.loss_terms, self.alpha, self.beta, self.top_k, self.renormalize_topk, self.loss_chunk)
+
+    def resolved(self, student: nn.Module) -> "Stage2Config":
+        """Fill ``lr`` and ``epochs`` with the paper's values for the student's bit width and size."""
+        bits = {m.spec.bits for _, m in quant_linears(student)}
+        b = min(bits) if bits else 4
+        n_params = sum(p.numel() for p in student.parameters()) + sum(
+            m.qcodes.numel() for _, m in quant_linears(student) if m.qcodes is not None
+        )
+        small = n_params <= _SMALL_MODEL_PARAMS
+        lr = self.lr if self.lr is not None else (1e-6 if b >= 3 else (5e-6 if small else 1e-4))
+        epochs = self.epochs if self.epochs is not None else (3 if b == 2 and small else 1)
+        return dataclasses.replace(self, lr=lr, epochs=epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["extra_trainable"] = list(self.extra_trainable)
+        return d
+
+
+@dataclass
+class Stage2Report:
+    """What a stage-2 run did.
+
+    Attributes:
+        steps: optimizer steps of the whole run; ``start_step``: where this call began (resume).
+        epochs, lr: the resolved values.
+        tokens: completion tokens trained in this call; ``seconds``, ``tokens_per_s`` over this call.
+        eval_before, eval_after: held-out ``kl`` (teacher top-k + tail bucket, per token), ``ce``,
+            and ``kl_full`` with a live teacher.
+        final_loss: loss of the last step.
+        trainable: number of trainable tensors and of their elements.
+        config: the resolved :class:`Stage2Config` as a dict.
+        log_path, state_path: files written (or ``None``).
+        peak_memory_bytes: peak CUDA memory allocated (CUDA only).
+    """
+
+    steps: int
+    start_step: int
+    epochs: int
+    lr: float
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    final_loss: float | None
+    trainable: dict[str, int]
+    config: dict[str, Any]
+    log_path: str | None = None
+    state_path: str | None = None
+    peak_memory_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def trainable_parameters(student: nn.Module, cfg: Stage2Config) -> list[tuple[str, nn.Parameter]]:
+    """Freeze codes and everything but the stage-2 scales (and ``extra_trainable``); return what trains.
+
+    Raises:
+        ConfigError: the model has no quantized module, or nothing trains.
+    """
+    if not any(True for _ in quant_linears(student)):
+        raise ConfigError("stage 2 needs a quantized student (QuantLinear modules): quantize it or load a checkpoint with form='stage2'")
+    freeze_codes(student, cfg.train_sub_scales)
+    for name, p in student.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pat) for pat in cfg.extra_trainable):
+            p.requires_grad_(True)
+    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("no parameter trains in stage 2: check train_sub_scales / extra_trainable")
+    return params
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
+    """Learning-rate multiplier of step ``s`` (0-based): linear warm-up, then cosine/linear/constant."""
+
+    def f(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(total_steps - warmup_steps, 1)
+        progress = min((s - warmup_steps) / span, 1.0)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * decay
+
+    return f
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The training-sample order of ``epoch``: a permutation fixed by ``seed`` and ``epoch``."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _micro_batches(indices: Sequence[int], size: int) -> Iterator[list[int]]:
+    for a in range(0, len(indices), size):
+        yield list(indices[a : a + size])
+
+
+def _batch(data: SFTSet, idx: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sub = data.subset(idx)  # padding trimmed to the longest sample of the micro-batch
+    return sub.input_ids.to(device), sub.attention_mask.to(device), sub.labels.to(device)
+
+
+def _student_hidden(base: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, H]
+
+
+def _select(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states predicting each completion token and those tokens, ``[N, H]`` and ``[N]`` (row-major)."""
+    sel = labels[:, 1:] != -100  # [B, T-1]
+    return hidden[:, :-1][sel], labels[:, 1:][sel]
+
+
+def _autocast(dtype: str | None, device: torch.device) -> Any:
+    if dtype is None or device.type != "cuda":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast("cuda", dtype=getattr(torch, dtype))
+
+
+def _module_of(param_name: str) -> str:
+    return param_name.rsplit(".quantizer.", 1)[0] if ".quantizer." in param_name else param_name
+
+
+def _check_finite(params: list[tuple[str, nn.Parameter]], what: str, step: int, last_good: int | None) -> None:
+    bad = []
+    for name, p in params:
+        t = p.grad if what == "gradient" else p
+        if t is not None and not torch.isfinite(t).all():
+            bad.append(f"{_module_of(name)} ({name.rsplit('.', 1)[-1]})")
+    if bad:
+        raise NonFiniteError(
+            f"non-finite {what} at step {step} in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}; {_last_good(last_good)}"
+        )
+
+
+def _last_good(step: int | None) -> str:
+    if step is None:
+        return "no state was saved (pass state_dir); lower the learning rate or check the data"
+    return f"the last good state (step {step}) is kept in state_dir; lower the learning rate and resume"
+
+
+@torch.no_grad()
+def evaluate(
+    student: nn.Module,
+    data: SFTSet,
+    indices: Sequence[int],
+    teacher: Teacher,
+    *,
+    micro_batch: int = 1,
+    chunk_size: int = 1024,
+    autocast_dtype: str | None = None,
+) -> dict[str, float]:
+    """Per-token held-out ``kl`` (teacher top-k + tail bucket), ``ce`` and (live teacher) ``kl_full``.
+
+    Returns:
+        ``{"kl": .., "ce": .., "tokens": ..}`` (+ ``"kl_full"``); empty when ``indices`` is empty.
+    """
+    if not len(indices):
+        return {}
+    base, head = decoder_and_head(student)
+    device = next(student.parameters()).device
+    live = hasattr(teacher, "sample_targets")
+    sums: dict[str, float] = {}
+    was_training = student.training
+    student.eval()
+    for mb in _micro_batches(list(indices), micro_batch):
+        ids, mask, labels = _batch(data, mb, device)
+        t = teacher.targets(mb, ids, mask, labels, with_hidden=live).to(device)
+        with _autocast(autocast_dtype, device):
+            hidden = _student_hidden(base, ids, mask)
+        h, y = _select(hidden, labels)
+        for k, v in token_metrics(h, head.weight, getattr(head, "bias", None), y, t, chunk_size).items():
+            sums[k] = sums.get(k, 0.0) + v
+    student.train(was_training)
+    n = max(sums.get("tokens", 0.0), 1.0)
+    out = {"kl": sums["kl_topk_tail"] / n, "ce": sums["ce"] / n, "tokens": sums["tokens"]}
+    if "kl_full" in sums:
+        out["kl_full"] = sums["kl_full"] / n
+    return out
+
+
+class _Logger:
+    """JSONL metrics (and TensorBoard when installed)."""
+
+    def __init__(self, path: Path | None, tensorboard: bool, resume_step: int | None) -> None:
+        self.path = path
+        self.tb = None
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():  # drop lines past the resumed step
+            keep = [
+                line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(line + "\n" for line in keep))
+        elif resume_step is None and path.exists():
+            path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = int(record.get("step", 0))
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"stage2/{record.get('event', 'train')}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_state(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, cfg: Stage2Config, fingerprint: str) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    old = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}
+    new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(
+            f"cannot resume from {path}: the settings differ in {diff} "
+            f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff[:4])}); "
+            "resume with the same settings or start a new run"
+        )
+    if state["data_fingerprint"] != fingerprint:
+        raise ConfigError(f"cannot resume from {path}: it was trained on other data (same spec, seed and sizes are needed)")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def run_stage2(
+    student: nn.Module,
+    data: SFTSet,
+    teacher: Teacher,
+    cfg: Stage2Config,
+    *,
+    state_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> Stage2Report:
+    """Train the student's quantization scales against the teacher (module docstring).
+
+    Args:
+        student: a causal LM in the ``stage2`` form, on its training device; modified in place.
+        data: stage-2 samples; the last ``cfg.eval_samples`` are held out for evaluation.
+        teacher: a :class:`rqat_deploy.teacher.LiveTeacher` or :class:`rqat_deploy.teacher.CachedTeacher`.
+        cfg: hyperparameters (``lr``/``epochs`` ``None`` = the paper's for this model).
+        state_dir: directory for resumable state and metrics (``None``: nothing written).
+        resume: continue from ``state_dir``'s state when there is one.
+        progress: show a progress bar with live loss and ETA.
+        on_step: called after every step with ``(steps_done, metrics)``; it may raise
+            (``KeyboardInterrupt`` saves the state first, like Ctrl-C).
+
+    Returns:
+        A :class:`Stage2Report`.
+
+    Raises:
+        ConfigError: no quantized module, too few samples, a teacher that cannot serve the loss,
+            a state from other settings, or a state in ``state_dir`` without ``resume``.
+        NonFiniteError: a NaN/inf loss, gradient or scale (names the step and module).
+    """
+    rcfg = cfg.resolved(student)
+    loss_cfg = rcfg.loss_config()
+    params = trainable_parameters(student, rcfg)
+    base, head = decoder_and_head(student)
+    device = next(student.parameters()).device
+    if rcfg.gradient_checkpointing:
+        if not getattr(student, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"{type(student).__name__} does not support gradient checkpointing")
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_eval = rcfg.eval_samples
+    if len(data) - n_eval < 1:
+        raise ConfigError(f"{len(data)} samples leave none to train on after holding out eval_samples={n_eval}: lower it or add data")
+    teacher.check(data, top_k=loss_cfg.top_k, full_vocab=loss_cfg.needs_full_teacher)
+    train_idx = list(range(len(data) - n_eval))
+    eval_idx = list(range(len(data) - n_eval, len(data)))
+    per_epoch = math.ceil(len(train_idx) / rcfg.global_batch)
+    total = per_epoch * int(rcfg.epochs)  # type: ignore[arg-type]
+    if rcfg.max_steps is not None:
+        total = min(total, rcfg.max_steps)
+    warmup = int(rcfg.warmup_ratio * total)
+
+    optimizer = torch.optim.AdamW(
+        [p for _, p in params], lr=rcfg.lr, betas=rcfg.betas, eps=rcfg.eps, weight_decay=rcfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup, rcfg.schedule, rcfg.min_lr_ratio))
+
+    sdir = Path(state_dir) if state_dir is not None else None
+    state_path = sdir / STATE_FILE if sdir is not None else None
+    fingerprint = data.fingerprint()
+    start, eval_before, last_saved = 0, None, None
+    if state_path is not None and state_path.exists():
+        if not resume:
+            raise ConfigError(
+                f"{state_path} holds the state of an earlier run: pass resume=True (--resume) to continue it, "
+                "or remove it (--force) to start over"
+            )
+        state = _load_state(state_path, rcfg, fingerprint)
+        named = dict(params)
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                named[name].copy_(value.to(named[name].device))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start, eval_before, last_saved = int(state["step"]), state["eval_before"], int(state["step"])
+    log_path = Path(rcfg.log_path) if rcfg.log_path else (sdir / METRICS_FILE if sdir is not None else None)
+    logger = _Logger(log_path, rcfg.tensorboard, start if last_saved is not None else None)
+
+    def snapshot(step: int) -> None:
+        nonlocal last_saved
+        if state_path is None:
+            return
+        _save_state(state_path, {
+            "step": step,
+            "params": {n: p.detach().cpu().clone() for n, p in params},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "config": rcfg.to_dict(),
+            "data_fingerprint": fingerprint,
+            "eval_before": eval_before,
+        })
+        last_saved = step
+
+    ev = dict(micro_batch=rcfg.micro_batch, chunk_size=rcfg.loss_chunk, autocast_dtype=rcfg.autocast_dtype)
+    if eval_before is None:
+        eval_before = evaluate(student, data, eval_idx, teacher, **ev)
+        logger.log({"event": "eval", "when": "before", "step": start, **eval_before})
+    counts = data.completion_tokens()
+    student.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=total, initial=start, desc="stage 2", disable=not progress, dynamic_ncols=True)
+    t0, tokens, final_loss, done = time.perf_counter(), 0, None, start
+    order_epoch, order = -1, []
+    updating = False  # True while the optimizer changes the parameters (a state then is not consistent)
+    try:
+        for step in range(start, total):
+            epoch, pos = divmod(step, per_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, [train_idx[i] for i in epoch_order(len(train_idx), rcfg.seed, epoch)]
+            idx = order[pos * rcfg.global_batch : (pos + 1) * rcfg.global_batch]
+            n_norm = int(counts[idx].sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, parts_sum = 0.0, {}
+            for mb in _micro_batches(idx, rcfg.micro_batch):
+                ids, mask, labels = _batch(data, mb, device)
+                with torch.no_grad():
+                    targets = teacher.targets(mb, ids, mask, labels, with_hidden=loss_cfg.needs_full_teacher).to(device)
+                with _autocast(rcfg.autocast_dtype, device):
+                    hidden = _student_hidden(base, ids, mask)
+                h, y = _select(hidden, labels)
+                out = chunked_loss(h, head.weight, getattr(head, "bias", None), y, targets, loss_cfg, max(n_norm, 1))
+                if not torch.isfinite(out.loss.detach()):
+                    raise NonFiniteError(
+                        f"non-finite loss ({float(out.loss.detach())}) at step {step} on samples {mb}: {out.parts}; {_last_good(last_saved)}"
+                    )
+                out.loss.backward()
+                loss_sum += float(out.loss.detach())
+                for k, v in out.parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v
+            _check_finite(params, "gradient", step, last_saved)
+            plist = [p for _, p in params]
+            if rcfg.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(plist, rcfg.max_grad_norm))
+            else:
+                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in plist if p.grad is not None])))
+            lr_now = scheduler.get_last_lr()[0]
+            updating = True
+            optimizer.step()
+            scheduler.step()
+            updating = False
+            _check_finite(params, "scale", step, last_saved)
+            done, tokens, final_loss = step + 1, tokens + n_norm, loss_sum
+            elapsed = time.perf_counter() - t0
+            metrics = {
+                "step": done, "epoch": epoch, "loss": loss_sum, **{f"loss_{k}": v for k, v in parts_sum.items()},
+                "lr": lr_now, "grad_norm": grad_norm, "tokens": n_norm,
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            }
+            if done % rcfg.log_every == 0 or done == total:
+                logger.log(metrics)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr_now:.2e}")
+            bar.update(1)
+            if rcfg.save_every and done % rcfg.save_every == 0:
+                snapshot(done)
+            if on_step is not None:
+                on_step(done, metrics)
+    except KeyboardInterrupt:
+        if last_saved != done and not updating:
+            snapshot(done)
+        bar.close()
+        logger.close()
+        raise
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if last_saved != done:
+        snapshot(done)
+    eval_after = evaluate(student, data, eval_idx, teacher, **ev)
+    logger.log({"event": "eval", "when": "after", "step": done, **eval_after})
+    logger.close()
+    return Stage2Report(
+        steps=total,
+        start_step=start,
+        epochs=int(rcfg.epochs),  # type: ignore[arg-type]
+        lr=float(rcfg.lr),  # type: ignore[arg-type]
+        tokens=tokens,
+        seconds=seconds,
+        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+        eval_before=eval_before or {},
+        eval_after=eval_after,
+        final_loss=final_loss,
+        trainable={"tensors": len(params), "elements": sum(p.numel() for _, p in params)},
+        config=rcfg.to_dict(),
+        log_path=str(log_path) if log_path else None,
+        state_path=str(state_path) if state_path else None,
+        peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+    )

@@ -1,0 +1,272 @@
+"""Stage 2 on the tiny Qwen3: scale-only training, teacher cache, resume, non-finite detection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rqat_deploy.errors import ConfigError
+from rqat_deploy.losses import LossConfig, chunked_loss
+from rqat_deploy.stage2 import STATE_FILE, NonFiniteError, Stage2Config, run_stage2
+from rqat_deploy.surgery import quant_linears
+from rqat_deploy.teacher import CachedTeacher, LiveTeacher, completion_positions, decoder_and_head
+
+COT = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_cot_100.jsonl"
+SCALE_NAMES = {"scales", "d", "dmin"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny model's small ops run far faster without OpenMP contention on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from rqat_deploy.data import build_sft
+    from rqat_deploy.models import load_hf_model
+    from rqat_deploy.train import quantize_rtn
+
+    if not COT.exists():
+        pytest.skip(f"{COT} is not available")
+    d = tmp_path_factory.mktemp("stage2")
+    conv = d / "conv.jsonl"
+    with conv.open("w") as f:
+        for line in COT.read_text().splitlines():
+            r = json.loads(line)
+            value = f"<think>\n{r['code'][0]}\n</think>\n\nThe answer is $\\boxed{{{r['gt']}}}$."
+            f.write(json.dumps({"conversations": [{"from": "human", "value": r["question"]}, {"from": "gpt", "value": value}]}) + "\n")
+    teacher, tok = load_hf_model(str(tiny_qwen3_dir))
+    data = build_sft(tok, str(conv), 20, 96, seed=0)
+    ckpt = quantize_rtn(tiny_qwen3_dir, d / "rtn2", bits=2)
+    return {"teacher": teacher, "tok": tok, "data": data, "ckpt": ckpt, "dir": d, "model_dir": tiny_qwen3_dir}
+
+
+def _student(path: Path) -> torch.nn.Module:
+    from rqat_deploy.checkpoint import load_model
+
+    model, _ = load_model(path, form="stage2")
+    return model
+
+
+def _cfg(**kw) -> Stage2Config:
+    base = dict(lr=3e-3, epochs=2, global_batch=4, micro_batch=2, eval_samples=4, warmup_ratio=0.0, save_every=0)
+    return Stage2Config(**(base | kw))
+
+
+def _quant_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v.clone() for n, m in quant_linears(model) for k, v in m.checkpoint_tensors().items()}
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_stage2_lowers_heldout_kl_and_changes_only_scales(env: dict, tmp_path: Path) -> None:
+    student = _student(env["ckpt"])
+    before = _quant_state(student)
+    floats = {n: t.clone() for n, t in student.state_dict().items() if ".quantizer." not in n and not n.endswith("qcodes")}
+    rep = run_stage2(student, env["data"], LiveTeacher(env["teacher"]), _cfg(), state_dir=tmp_path, progress=False)
+    after = _quant_state(student)
+    assert rep.eval_after["kl"] < rep.eval_before["kl"]
+    assert rep.eval_after["kl_full"] < rep.eval_before["kl_full"]
+    assert rep.steps == 8 and rep.tokens > 0 and rep.trainable["tensors"] == len(list(quant_linears(student)))
+    changed = 0
+    for k, v in before.items():
+        if k.rsplit(".", 1)[-1] in SCALE_NAMES:
+            changed += not torch.equal(v, after[k])
+        else:  # qcodes and zeros: bit-identical
+            assert torch.equal(v, after[k]), k
+    assert changed == len(list(quant_linears(student)))
+    for n, t in student.state_dict().items():  # embeddings, norms: untouched
+        if n in floats:
+            assert torch.equal(t, floats[n]), n
+    lines = [json.loads(x) for x in (tmp_path / "stage2_metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train] == list(range(1, 9))
+    assert {"loss_teacher_rectified_ce", "loss_kl_topk", "lr", "grad_norm"} <= set(train[0])
+    assert [x["when"] for x in lines if x.get("event") == "eval"] == ["before", "after"]
+    assert (tmp_path / STATE_FILE).exists()
+
+
+def test_checkpoint_after_stage2_reloads_to_the_trained_logits(env: dict, tmp_path: Path) -> None:
+    from rqat_deploy.checkpoint import load_model, save_checkpoint
+
+    student = _student(env["ckpt"])
+    norms: list[tuple[float, float]] = []
+
+    def clipped(_step: int, metrics: dict) -> None:  # gradients after clipping, before the next step
+        g = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+        norms.append((metrics["grad_norm"], float(g.norm())))
+
+    run_stage2(student, env["data"], LiveTeacher(env["teacher"]), _cfg(max_steps=2, max_grad_norm=1e-3),
+               progress=False, on_step=clipped)
+    assert len(norms) == 2 and all(pre > 1e-3 and post == pytest.approx(1e-3, rel=1e-3) for pre, post in norms)
+    ids = env["data"].input_ids[:2, :40]
+    student.eval()
+    with torch.no_grad():
+        want = student(input_ids=ids).logits
+    out = save_checkpoint(student, tmp_path / "ck", tokenizer=env["tok"])
+    loaded, _ = load_model(out)
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_cached_teacher_equals_live_teacher(env: dict, tmp_path: Path) -> None:
+    data, live = env["data"], LiveTeacher(env["teacher"])
+    cache32 = CachedTeacher.build(env["teacher"], data, tmp_path / "c32", progress=False)
+    cache16 = CachedTeacher.build(env["teacher"], data, tmp_path / "c16", dtype="float16", progress=False)
+    idx = [3, 0, 7]
+    sub = data.subset(idx)
+    args = (idx, sub.input_ids, sub.attention_mask, sub.labels)
+    t_live, t32, t16 = live.targets(*args), cache32.targets(*args), cache16.targets(*args)
+    assert len(t_live) == int(data.completion_tokens()[idx].sum())
+    for a, b in ((t_live.topk_ids, t32.topk_ids), (t_live.topk_logprobs, t32.topk_logprobs), (t_live.label_logprobs, t32.label_logprobs)):
+        assert torch.equal(a, b)  # float32 cache: the same computation, stored losslessly
+    # the loss of a student batch is the same, bit for bit, with either teacher
+    student = _student(env["ckpt"])
+    base, head = decoder_and_head(student)
+    with torch.no_grad():
+        hid = base(input_ids=sub.input_ids, attention_mask=sub.attention_mask).last_hidden_state
+    pos = completion_positions(sub.attention_mask, sub.labels)
+    h = torch.cat([hid[b, p] for b, p in enumerate(pos)])
+    y = torch.cat([sub.labels[b, p + 1] for b, p in enumerate(pos)])
+    cfg = LossConfig("R+S")
+    l_live = chunked_loss(h, head.weight, None, y, t_live, cfg).loss
+    assert torch.equal(l_live, chunked_loss(h, head.weight, None, y, t32, cfg).loss)
+    # float16 storage: log-probs rounded to 11 significant bits, so |dlogp| <= 2^-11 |logp|; the loss
+    # moves by about that relative amount
+    assert torch.equal(t16.topk_ids, t_live.topk_ids)
+    assert torch.all((t16.topk_logprobs - t_live.topk_logprobs).abs() <= t_live.topk_logprobs.abs() * 2**-11 + 1e-7)
+    torch.testing.assert_close(chunked_loss(h, head.weight, None, y, t16, cfg).loss, l_live, rtol=2e-3, atol=0)
+    # a whole stage-2 run with the float32 cache equals the live-teacher run bit for bit
+    s_live, s_cache = _student(env["ckpt"]), _student(env["ckpt"])
+    cfg2 = _cfg(max_steps=3)
+    run_stage2(s_live, data, live, cfg2, progress=False)
+    run_stage2(s_cache, data, cache32, cfg2, progress=False)
+    for (n, a), (_, b) in zip(_trainable(s_live).items(), _trainable(s_cache).items()):
+        assert torch.equal(a, b), n
+
+
+def test_teacher_cache_errors_and_resume(env: dict, tmp_path: Path) -> None:
+    data = env["data"]
+    cache = CachedTeacher.build(env["teacher"], data, tmp_path / "c", progress=False)
+    other = data.subset(list(range(len(data) - 1)))
+    with pytest.raises(ConfigError, match="other data"):
+        cache.check(other, top_k=20, full_vocab=False)
+    with pytest.raises(ConfigError, match="live teacher"):
+        cache.check(data, top_k=20, full_vocab=True)
+    with pytest.raises(ConfigError, match="other data or settings"):
+        CachedTeacher.build(env["teacher"], other, tmp_path / "c", progress=False)
+    # an interrupted build (done < n) is refused on open and finished by a rebuild
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    full = {f: (tmp_path / "c" / f).read_bytes() for f in ("topk_ids.npy", "topk_logprobs.npy", "label_logprobs.npy")}
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta | {"done": 5}))
+    with pytest.raises(ConfigError, match="incomplete"):
+        CachedTeacher(tmp_path / "c")
+    CachedTeacher.build(env["teacher"], data, tmp_path / "c", progress=False)
+    assert {f: (tmp_path / "c" / f).read_bytes() for f in full} == full
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(env: dict, tmp_path: Path) -> None:
+    cfg = _cfg(save_every=2)
+    teacher = LiveTeacher(env["teacher"])
+    a = _student(env["ckpt"])
+    rep_a = run_stage2(a, env["data"], teacher, cfg, state_dir=tmp_path / "a", progress=False)
+
+    def interrupt(step: int, _metrics: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    b = _student(env["ckpt"])
+    with pytest.raises(KeyboardInterrupt):
+        run_stage2(b, env["data"], teacher, cfg, state_dir=tmp_path / "b", progress=False, on_step=interrupt)
+    assert torch.load(tmp_path / "b" / STATE_FILE, weights_only=False)["step"] == 3  # saved on "Ctrl-C"
+    with pytest.raises(ConfigError, match="resume"):
+        run_stage2(_student(env["ckpt"]), env["data"], teacher, cfg, state_dir=tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="differ in \\['lr'\\]"):
+        run_stage2(_student(env["ckpt"]), env["data"], teacher, _cfg(save_every=2, lr=1e-3),
+                   state_dir=tmp_path / "b", resume=True, progress=False)
+    b2 = _student(env["ckpt"])  # a fresh process: the RTN student again, state from disk
+    rep_b = run_stage2(b2, env["data"], teacher, cfg, state_dir=tmp_path / "b", resume=True, progress=False)
+    assert rep_b.start_step == 3 and rep_b.steps == rep_a.steps
+    for (n, x), (_, y) in zip(_trainable(a).items(), _trainable(b2).items()):
+        assert torch.equal(x, y), n
+    assert rep_b.eval_after == rep_a.eval_after and rep_b.eval_before == rep_a.eval_before
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "stage2_metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, rep_a.steps + 1))  # no duplicated or missing step after the resume
+
+
+def test_nonfinite_gradient_stops_naming_step_and_module(env: dict, tmp_path: Path) -> None:
+    student = _student(env["ckpt"])
+    name, mod = next(iter(quant_linears(student)))
+    calls = {"n": 0}
+
+    def poison(g: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return g * float("nan") if calls["n"] > 4 else g  # 2 micro-batches per step: step 2 goes bad
+
+    mod.quantizer.scale.register_hook(poison)
+    with pytest.raises(NonFiniteError, match=rf"non-finite gradient at step 2 .*{name}.*last good state \(step 2\)"):
+        run_stage2(student, env["data"], LiveTeacher(env["teacher"]), _cfg(save_every=1), state_dir=tmp_path, progress=False)
+    state = torch.load(tmp_path / STATE_FILE, weights_only=False)
+    assert state["step"] == 2
+    assert all(torch.isfinite(p).all() for p in state["params"].values())
+    assert torch.isfinite(mod.quantizer.scale).all()  # the bad update was never applied
+
+
+def test_nonfinite_loss_is_reported(env: dict) -> None:
+    student = _student(env["ckpt"])
+    name, mod = next(iter(quant_linears(student)))
+    with torch.no_grad():
+        mod.quantizer.scale[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="non-finite loss .* at step 0"):
+        run_stage2(student, env["data"], LiveTeacher(env["teacher"]), _cfg(eval_samples=0), progress=False)
+
+
+def test_kquant_student_trains_d_only(env: dict, tmp_path: Path) -> None:
+    from rqat_deploy.train import quantize_rtn
+
+    ck = quantize_rtn(env["model_dir"], tmp_path / "q2k", bits=2, grid="kquant")
+    student = _student(ck)
+    before = _quant_state(student)
+    rep = run_stage2(student, env["data"], LiveTeacher(env["teacher"]), _cfg(max_steps=2, eval_samples=2), progress=False)
+    after = _quant_state(student)
+    assert rep.trainable["tensors"] == 2 * len(list(quant_linears(student)))  # d and dmin
+    for k, v in before.items():
+        same = torch.equal(v, after[k])
+        assert same != (k.rsplit(".", 1)[-1] in ("d", "dmin")), k  # codes, sub-scales, sub-mins frozen
+
+
+def test_gradient_checkpointing_gives_the_same_scales(env: dict) -> None:
+    plain, ckpt = _student(env["ckpt"]), _student(env["ckpt"])
+    teacher = LiveTeacher(env["teacher"])
+    run_stage2(plain, env["data"], teacher, _cfg(max_steps=2, eval_samples=0), progress=False)
+    run_stage2(ckpt, env["data"], teacher, _cfg(max_steps=2, eval_samples=0, gradient_checkpointing=True), progress=False)
+    assert getattr(ckpt, "is_activation_checkpointing", None) or ckpt.is_gradient_checkpointing
+    for (n, a), (_, b) in zip(_trainable(plain).items(), _trainable(ckpt).items()):
+        assert torch.equal(a, b), n
+
+
+def test_config_defaults_and_errors(env: dict) -> None:
+    cfg = Stage2Config()
+    assert (cfg.alpha, cfg.beta, cfg.top_k, cfg.global_batch, cfg.loss_terms, cfg.renormalize_topk) == (0.2, 1.0, 20, 64, "R+S", False)
+    student = _student(env["ckpt"])
+    r = cfg.resolved(student)  # 2-bit, tiny: the paper's small-model 2-bit values
+    assert (r.lr, r.epochs) == (5e-6, 3)
+    for bad in (dict(schedule="exp"), dict(micro_batch=128), dict(loss_terms="Q"), dict(lr=0.0)):
+        with pytest.raises(ConfigError):
+            Stage2Config(**bad)
+    with pytest.raises(ConfigError, match="leave none to train"):
+        run_stage2(student, env["data"], LiveTeacher(env["teacher"]), _cfg(eval_samples=20), progress=False)
+    cache_needed = _cfg(loss_terms="F", max_steps=1)
+    rep = run_stage2(student, env["data"], LiveTeacher(env["teacher"]), cache_needed, progress=False)
+    assert rep.final_loss is not None and rep.final_loss > 0
