@@ -12,6 +12,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs under pytest-xdist (one worker per core): one torch thread per worker avoids
+# oversubscription, which makes torch's many small CPU ops ~10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # --- Tiny local models (rqat_deploy.tiny): built once per session, offline, deterministic. -------
