@@ -270,7 +270,11 @@ def prepare_output_dir(out: Path, force: bool) -> Path:
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists: choose another --out or pass --force to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should have normal directory permissions
+    return tmp
 
 
 def commit_output_dir(tmp: Path, out: Path) -> None:
