@@ -96,18 +96,37 @@ def cli() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
 @click.option("--recipe", default="rqat", show_default=True,
               type=click.Choice(["rqat", "rqat-released", "rtn", "gptq", "efficientqat", "reasoning-qat"]),
-              help="Quantization recipe (this version implements rtn).")
+              help="rqat: the paper (stage 1 + R+S scale training); see README for the others.")
 @click.option("--bits", default=2, show_default=True, type=click.Choice(["2", "3", "4"]), help="Weight bit width.")
 @click.option("--grid", default="uniform", show_default=True, type=click.Choice(["uniform", "kquant"]),
               help="uniform: asymmetric per-group (GPTQ / compressed-tensors exact); kquant: llama.cpp Q2_K/Q3_K (GGUF exact).")
 @click.option("--group-size", default=128, show_default=True, type=int, help="Uniform-grid group size.")
 @click.option("--exclude", multiple=True, help="Module-name pattern to keep in floating point (repeatable).")
+@click.option("--calib", default=None, help="Calibration SPEC 'source[:weight],...' (default: OpenThoughts3:0.8,FineWeb-Edu:0.2).")
+@click.option("--calib-samples", default=4096, show_default=True, type=int)
+@click.option("--calib-seq-len", default=2048, show_default=True, type=int)
+@click.option("--train-data", default=None, help="Stage-2 SPEC of reasoning conversations (default: OpenThoughts3).")
+@click.option("--train-samples", default=32768, show_default=True, type=int)
+@click.option("--train-seq-len", default=4096, show_default=True, type=int)
+@click.option("--stage1-epochs", default=2, show_default=True, type=int)
+@click.option("--stage2-epochs", default=None, type=int, help="Default: the paper's (3 at 2-bit <=2B params, else 1).")
+@click.option("--stage2-lr", default=None, type=float, help="Default: the paper's (1e-6 3-bit, 5e-6 / 1e-4 2-bit).")
+@click.option("--loss", default=None, help="Stage-2 loss terms, e.g. R+S (paper), C, S, R, C+S, C+R (ablations).")
+@click.option("--alpha", default=0.2, show_default=True, type=float, help="Weight of the CE-type term.")
+@click.option("--beta", default=1.0, show_default=True, type=float, help="Weight of the divergence term.")
+@click.option("--global-batch", default=64, show_default=True, type=int, help="Stage-2 samples per optimizer step.")
+@click.option("--micro-batch", default=1, show_default=True, type=int, help="Stage-2 samples per forward (accumulation).")
+@click.option("--max-steps", default=None, type=int, help="Cap on stage-2 optimizer steps.")
+@click.option("--no-teacher-cache", is_flag=True, help="Keep the teacher live in stage 2 instead of caching its top-k.")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False), help="Resumable state (default: OUT.work).")
+@click.option("--keep-work", is_flag=True, help="Keep the work directory after success.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="dtype to load the model in.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "triton", "reference"]),
               help="Fake-quant kernels: Triton on CUDA, the PyTorch reference elsewhere (auto).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its work directory.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 def train(**kw: Any) -> None:
@@ -115,19 +134,25 @@ def train(**kw: Any) -> None:
 
     \b
     Examples:
+      rqat-deploy train --model Qwen/Qwen3-1.7B --bits 2 --out qwen3-int2            # the paper's recipe
       rqat-deploy train --model ./my-model --recipe rtn --bits 2 --grid kquant --out ckpt
-      rqat-deploy train --model Qwen/Qwen3-1.7B --recipe rtn --bits 3 --group-size 64 --out ckpt3
+      rqat-deploy train --model ./my-model --recipe gptq --bits 3 --calib data.jsonl --out ckpt3
+      rqat-deploy train --model ./m --calib mix.jsonl --train-data traces.jsonl --loss C+S --out ablation
       rqat-deploy train --config run.toml --bits 3      # flags override the file
+      rqat-deploy train --config run.toml --resume      # continue after Ctrl-C
     """
     from rqat_deploy.spec import QuantSpec
     from rqat_deploy.train import TrainConfig, run_train
 
-    spec = QuantSpec(bits=int(kw["bits"]), grid=kw["grid"], group_size=kw["group_size"], exclude=tuple(kw["exclude"]))
-    cfg = TrainConfig(
-        model=kw["model"], out=kw["out"], recipe=kw["recipe"], quant=spec, device=kw["device"], dtype=kw["dtype"],
-        seed=kw["seed"], force=kw["force"], trust_remote_code=kw["trust_remote_code"], backend=kw["backend"],
-    )
-    out = run_train(cfg)
+    spec = QuantSpec(bits=int(kw.pop("bits")), grid=kw.pop("grid"), group_size=kw.pop("group_size"),
+                     exclude=tuple(kw.pop("exclude")))
+    kw["teacher_cache"] = not kw.pop("no_teacher_cache")
+    cfg = TrainConfig(quant=spec, **kw)
+    try:
+        out = run_train(cfg)
+    except KeyboardInterrupt:
+        click.secho(f"interrupted: progress is kept in {cfg.work_path}; rerun the same command with --resume", err=True)
+        sys.exit(130)
     click.echo(f"wrote {out}")
 
 

@@ -1,25 +1,71 @@
 """``rqat-deploy train``: turn a full-precision causal LM into a quantized checkpoint.
 
-The recipes are named in DESIGN.md 9. This version implements ``rtn`` (round-to-nearest in either
-grid: min-max for uniform, the k-quant search for kquant); the training recipes arrive with the
-training core.
+A recipe (DESIGN.md 5, 9) is an initialisation followed by an optional stage 2:
+
+| recipe          | initialisation                     | stage 2 (scales only)                          |
+|-----------------|------------------------------------|------------------------------------------------|
+| `rtn`           | round-to-nearest                   | none                                           |
+| `gptq`          | GPTQ on calibration data           | none                                           |
+| `efficientqat`  | stage 1 (block-wise, Block-AP)     | plain CE (``C``)                               |
+| `rqat` (paper)  | stage 1 on the 80/20 mix           | reward-rectified CE + top-20 KL (``R+S``)      |
+| `rqat-released` | stage 1                            | CE + top-20 JSD (``C+J``), linear schedule, 1,024-token sequences, norms and lm_head train |
+| `reasoning-qat` | GPTQ                               | full-vocabulary KL (``F``)                     |
+
+``--loss`` replaces the stage-2 loss (the paper's ablations ``S``, ``R``, ``C``, ``C+S``, ``C+R``).
+
+Work in progress lives in ``<out>.work/``: stage 1 saves each finished block, the initialised
+model is saved as a checkpoint, stage 2 saves its state every ``save_every`` steps and on Ctrl-C.
+``--resume`` continues from there to the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rqat_deploy import __version__
-from rqat_deploy.errors import ConfigError
+from rqat_deploy.errors import ConfigError, OutputExistsError
 from rqat_deploy.spec import QuantSpec, did_you_mean
 
-RECIPES = ("rqat", "rqat-released", "rtn", "gptq", "efficientqat", "reasoning-qat")
-IMPLEMENTED_RECIPES = ("rtn",)
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe runs.
+
+    Attributes:
+        name: the recipe name.
+        init: ``rtn`` | ``gptq`` | ``stage1``.
+        loss: stage-2 loss terms (:mod:`rqat_deploy.losses`), or ``None`` for no stage 2.
+        stage2: further :class:`~rqat_deploy.stage2.Stage2Config` overrides.
+        train_seq_len: stage-2 sequence length override (the released code truncates at 1,024).
+    """
+
+    name: str
+    init: str
+    loss: str | None = None
+    stage2: dict[str, Any] = field(default_factory=dict)
+    train_seq_len: int | None = None
+
+
+RECIPE_TABLE: dict[str, Recipe] = {
+    "rqat": Recipe("rqat", "stage1", "R+S"),
+    "rqat-released": Recipe(
+        "rqat-released", "stage1", "C+J",
+        stage2={"schedule": "linear", "extra_trainable": ("*norm*", "lm_head.weight")}, train_seq_len=1024,
+    ),
+    "rtn": Recipe("rtn", "rtn"),
+    "gptq": Recipe("gptq", "gptq"),
+    "efficientqat": Recipe("efficientqat", "stage1", "C"),
+    "reasoning-qat": Recipe("reasoning-qat", "gptq", "F"),
+}
+RECIPES = tuple(RECIPE_TABLE)
 
 
 @dataclass(frozen=True)
@@ -31,22 +77,48 @@ class TrainConfig:
         out: checkpoint directory to write.
         recipe: one of :data:`RECIPES`.
         quant: the quantization spec.
-        device: ``cpu`` or ``cuda``.
-        dtype: dtype the model is loaded in.
-        seed: random seed.
-        force: overwrite ``out``.
-        trust_remote_code: allow the model repository's own code.
-        backend: kernel backend (``auto`` | ``triton`` | ``reference``).
+        calib: calibration SPEC (stage 1 / GPTQ); ``None`` = the paper's 80/20 mix.
+        calib_samples, calib_seq_len: calibration sequences and their length (paper 4,096 x 2,048).
+        train_data: stage-2 SPEC; ``None`` = the paper's reasoning traces.
+        train_samples, train_seq_len: stage-2 samples and maximum length (paper 32,768).
+        stage1_epochs: stage-1 epochs per block (paper 2).
+        stage2_epochs, stage2_lr: ``None`` = the paper's per-bit-width values.
+        loss, alpha, beta: stage-2 loss override and weights (paper ``R+S``, 0.2, 1.0).
+        global_batch, micro_batch: stage-2 samples per optimizer step / per forward.
+        max_steps: cap on stage-2 optimizer steps.
+        teacher_cache: precompute teacher top-k log-probs on disk (frees the teacher for stage 2).
+        work_dir: where resumable state lives (default ``<out>.work``).
+        keep_work: keep the work directory after success.
+        device, dtype, seed, force, resume, trust_remote_code, backend: as the CLI flags.
     """
 
     model: str
     out: str
     recipe: str = "rqat"
     quant: QuantSpec = field(default_factory=QuantSpec)
+    calib: str | None = None
+    calib_samples: int = 4096
+    calib_seq_len: int = 2048
+    train_data: str | None = None
+    train_samples: int = 32768
+    train_seq_len: int = 4096
+    stage1_epochs: int = 2
+    stage2_epochs: int | None = None
+    stage2_lr: float | None = None
+    loss: str | None = None
+    alpha: float = 0.2
+    beta: float = 1.0
+    global_batch: int = 64
+    micro_batch: int = 1
+    max_steps: int | None = None
+    teacher_cache: bool = True
+    work_dir: str | None = None
+    keep_work: bool = False
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
     force: bool = False
+    resume: bool = False
     trust_remote_code: bool = False
     backend: str = "auto"
 
@@ -55,16 +127,53 @@ class TrainConfig:
             raise ConfigError(f"unknown recipe {self.recipe!r}{did_you_mean(self.recipe, RECIPES)}; choose one of {RECIPES}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        for name in ("calib_samples", "calib_seq_len", "train_samples", "train_seq_len", "stage1_epochs", "global_batch", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def plan(self) -> Recipe:
+        """The recipe with ``--loss`` applied."""
+        r = RECIPE_TABLE[self.recipe]
+        if self.loss is not None:
+            if r.loss is None:
+                raise ConfigError(f"--loss applies to recipes with a stage 2; {self.recipe!r} has none")
+            r = dataclasses.replace(r, loss=self.loss)
+        return r
+
+    @property
+    def work_path(self) -> Path:
+        """Directory of resumable state."""
+        return Path(self.work_dir) if self.work_dir else Path(f"{os.path.normpath(self.out)}.work")
 
     def to_recipe(self) -> dict[str, Any]:
         """The full resolved recipe recorded in ``rqat_quant.json``."""
         d = dataclasses.asdict(self)
+        for transient in ("force", "out", "resume", "work_dir", "keep_work"):
+            d.pop(transient)
         d["quant"] = self.quant.to_dict()
-        d.pop("force")
-        d.pop("out")
         d["name"] = d.pop("recipe")
+        d["plan"] = dataclasses.asdict(self.plan)
         d["rqat_deploy_version"] = __version__
         return d
+
+
+def _check_resume(cfg: TrainConfig) -> None:
+    """Create the work dir, or check on ``--resume`` that it belongs to the same run."""
+    work, stamp = cfg.work_path, cfg.work_path / "run.json"
+    recipe = json.loads(json.dumps(cfg.to_recipe(), default=list))
+    if stamp.exists():
+        if not cfg.resume:
+            raise OutputExistsError(
+                f"{work} holds an interrupted run: pass --resume to continue it, or remove the directory to start over"
+            )
+        old = json.loads(stamp.read_text())
+        diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k) and k != "max_steps")
+        if diff:
+            raise ConfigError(f"--resume with different settings than the interrupted run in {work}: {diff}")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(recipe, indent=2))
 
 
 def run_train(cfg: TrainConfig, *, progress: bool = True) -> Path:
@@ -78,35 +187,108 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         The checkpoint directory.
 
     Raises:
-        ConfigError: a recipe this version does not implement yet.
         OutputExistsError: ``cfg.out`` exists and ``cfg.force`` is false.
         ModelLoadError: the model cannot be loaded.
+        DataError: calibration or training data cannot be built.
     """
-    if cfg.recipe not in IMPLEMENTED_RECIPES:
-        raise ConfigError(
-            f"recipe {cfg.recipe!r} is not implemented in rqat-deploy {__version__} yet; "
-            f"available now: {IMPLEMENTED_RECIPES} (use --recipe rtn)"
-        )
-    return _train_rtn(cfg, progress=progress)
-
-
-def _train_rtn(cfg: TrainConfig, *, progress: bool) -> Path:
     import torch
 
-    from rqat_deploy.checkpoint import prepare_output_dir, save_checkpoint
+    from rqat_deploy.checkpoint import save_checkpoint
     from rqat_deploy.models import load_hf_model
     from rqat_deploy.surgery import prepare_model
 
-    out = Path(cfg.out)
+    out, plan = Path(cfg.out), cfg.plan
     if out.exists() and not cfg.force:
-        prepare_output_dir(out, cfg.force)  # raises OutputExistsError before any expensive work
+        raise OutputExistsError(f"{out} already exists: choose another --out or pass --force to overwrite it")
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model, tok = load_hf_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    prepare_model(model, cfg.quant, backend=cfg.backend, progress=progress)
-    recipe = cfg.to_recipe() | {"stages": [], "seconds": round(time.perf_counter() - t0, 3)}
     base = cfg.model if not os.path.isdir(cfg.model) else os.path.basename(os.path.normpath(cfg.model))
-    return save_checkpoint(model, out, tokenizer=tok, base_model=base, recipe=recipe, force=cfg.force)
+    reports: dict[str, Any] = {}
+    if plan.init == "rtn":
+        prepare_model(model, cfg.quant, backend=cfg.backend, progress=progress)
+        student = model
+    else:
+        _check_resume(cfg)
+        try:
+            student = _initialise(cfg, model, tok, reports, progress=progress)
+            if plan.loss is not None:
+                reports["stage2"] = _stage2(cfg, student, model, tok, reports, progress=progress)
+        except BaseException:
+            if [p.name for p in cfg.work_path.iterdir()] == ["run.json"]:  # nothing worth resuming
+                shutil.rmtree(cfg.work_path)
+            raise
+    recipe = cfg.to_recipe() | {"reports": reports, "seconds": round(time.perf_counter() - t0, 3)}
+    path = save_checkpoint(student, out, tokenizer=tok, base_model=base, recipe=recipe, force=cfg.force)
+    if plan.init != "rtn" and not cfg.keep_work:
+        shutil.rmtree(cfg.work_path, ignore_errors=True)
+    return path
+
+
+def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> Any:
+    """Stage 1 or GPTQ on a copy of ``teacher``; the result is saved in the work dir for resume."""
+    from rqat_deploy.checkpoint import load_model, save_checkpoint
+    from rqat_deploy.data import DEFAULT_CALIB_SPEC, build_calibration
+
+    init_ckpt = cfg.work_path / "init"
+
+    def reload() -> Any:  # the stage-2 form from the saved checkpoint: identical whether resumed or not
+        dtype = next(teacher.parameters()).dtype
+        return load_model(init_ckpt, dtype=dtype, device=cfg.device, form="stage2", backend=cfg.backend)[0]
+
+    if cfg.resume and (init_ckpt / "rqat_quant.json").exists():
+        reports.update(json.loads((cfg.work_path / "init_reports.json").read_text()))
+        return reload()
+    calib = build_calibration(tok, cfg.calib or DEFAULT_CALIB_SPEC, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
+    reports["calibration"] = calib.report
+    student = copy.deepcopy(teacher)
+    if cfg.plan.init == "gptq":
+        from rqat_deploy.gptq import run_gptq
+
+        rep = run_gptq(student, cfg.quant, calib.input_ids, device=cfg.device, work_dir=cfg.work_path / "gptq",
+                       progress=progress, backend=cfg.backend)
+    else:
+        from rqat_deploy.stage1 import Stage1Config, run_stage1
+
+        s1 = Stage1Config(epochs=cfg.stage1_epochs, seed=cfg.seed, val_samples=min(64, max(1, cfg.calib_samples // 8)))
+        rep = run_stage1(student, cfg.quant, calib.input_ids, s1, work_dir=cfg.work_path / "stage1", device=cfg.device,
+                         progress=progress, resume=cfg.resume, backend=cfg.backend)
+    reports[cfg.plan.init] = _jsonable(rep)
+    save_checkpoint(student, init_ckpt, tokenizer=tok, force=True)
+    (cfg.work_path / "init_reports.json").write_text(json.dumps(reports, default=str))
+    return reload()
+
+
+def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> dict[str, Any]:
+    """Scale-only end-to-end training of ``student`` against ``teacher``."""
+    from rqat_deploy.data import DEFAULT_TRAIN_SPEC, build_sft
+    from rqat_deploy.stage2 import Stage2Config, run_stage2
+    from rqat_deploy.surgery import freeze_codes
+    from rqat_deploy.teacher import CachedTeacher, LiveTeacher
+
+    plan = cfg.plan
+    seq_len = min(cfg.train_seq_len, plan.train_seq_len or cfg.train_seq_len)
+    data = build_sft(tok, cfg.train_data or DEFAULT_TRAIN_SPEC, cfg.train_samples, seq_len, cfg.seed)
+    reports["train_data"] = data.report
+    freeze_codes(student)
+    full_vocab = "F" in plan.loss.split("+") or plan.loss == "reasoning-qat"
+    if cfg.teacher_cache and not full_vocab:
+        cache = cfg.work_path / "teacher_cache"
+        teacher_src: Any = CachedTeacher.build(teacher, data, cache, progress=progress)
+    else:
+        teacher_src = LiveTeacher(teacher)
+    s2 = Stage2Config(
+        epochs=cfg.stage2_epochs, lr=cfg.stage2_lr, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
+        loss_terms=plan.loss, alpha=cfg.alpha, beta=cfg.beta, max_steps=cfg.max_steps, seed=cfg.seed,
+        eval_samples=min(64, max(1, cfg.train_samples // 8)), **plan.stage2,
+    )
+    rep = run_stage2(student, data, teacher_src, s2, state_dir=cfg.work_path / "stage2", resume=cfg.resume, progress=progress)
+    return _jsonable(rep)
+
+
+def _jsonable(report: Any) -> dict[str, Any]:
+    d = report.to_dict() if hasattr(report, "to_dict") else dataclasses.asdict(report)
+    return json.loads(json.dumps(d, default=str))
 
 
 def quantize_rtn(

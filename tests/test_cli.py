@@ -60,8 +60,9 @@ def test_errors_are_one_clean_line(tiny_qwen3_dir: Path, tmp_path: Path) -> None
     assert code == 2 and "already exists" in out and "--force" in out and "Traceback" not in out
     code, out = run("train", "--model", str(tmp_path / "nope"), "--recipe", "rtn", "--out", str(tmp_path / "o"))
     assert code == 2 and "does not exist" in out
-    code, out = run("train", "--model", str(tiny_qwen3_dir), "--out", str(tmp_path / "o"))
-    assert code == 2 and "not implemented" in out and "--recipe rtn" in out
+    code, out = run("train", "--model", str(tiny_qwen3_dir), "--out", str(tmp_path / "o"))  # default data: Hub
+    assert code == 2 and "could not load dataset" in out and "local JSONL" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no output, no empty work dir left
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"grup_size": 64}))
     res = CliRunner().invoke(cli, ["train", "--config", str(bad), "--model", "x", "--out", "y"])

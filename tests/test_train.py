@@ -1,0 +1,111 @@
+"""`rqat-deploy train` recipes end to end on the tiny model: stages, resume, records, errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rqat_deploy.stage2 as stage2_mod
+from rqat_deploy.errors import ConfigError, OutputExistsError
+from rqat_deploy.spec import QuantSpec
+from rqat_deploy.train import TrainConfig, run_train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Local reasoning conversations and pre-training text (the Hub is not reachable in tests)."""
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    with open(d / "traces.jsonl", "w") as f:
+        for _ in range(48):
+            a, b = rng.randint(1, 60), rng.randint(1, 60)
+            answer = f"<think>\nAdd {a} and {b}: {a} + {b} = {a + b}.\n</think>\n\nThe answer is \\boxed{{{a + b}}}."
+            msgs = [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    words = "the model learns to add numbers and checks each step before it answers".split()
+    with open(d / "text.jsonl", "w") as f:
+        for _ in range(16):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(120))}) + "\n")
+    return d
+
+
+def _cfg(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        model=str(model), out=str(out), recipe="rqat", quant=QuantSpec(bits=2),
+        calib=f"{data}/traces.jsonl:0.8,{data}/text.jsonl:0.2", calib_samples=10, calib_seq_len=48,
+        train_data=f"{data}/traces.jsonl", train_samples=16, train_seq_len=80, stage1_epochs=1,
+        global_batch=4, micro_batch=2, stage2_epochs=1, stage2_lr=1e-3,
+    )
+    return TrainConfig(**(base | kw))
+
+
+def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def test_rqat_recipe_trains_scales_only_and_records_everything(tiny_qwen3_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    out = run_train(_cfg(tiny_qwen3_dir, data_dir, tmp_path / "ck", keep_work=True), progress=False)
+    init, final = _tensors(tmp_path / "ck.work" / "init"), _tensors(out)
+    assert init.keys() == final.keys()
+    codes = [k for k in final if k.endswith((".qcodes", ".zeros"))]
+    scales = [k for k in final if k.endswith(".scales")]
+    assert codes and all(torch.equal(init[k], final[k]) for k in codes)  # frozen in stage 2
+    assert sum(not torch.equal(init[k], final[k]) for k in scales) >= len(scales) // 2  # scales trained
+    meta = json.loads((out / "rqat_quant.json").read_text())
+    recipe = meta["recipe"]
+    assert recipe["name"] == "rqat" and recipe["plan"]["loss"] == "R+S" and recipe["alpha"] == 0.2
+    assert {"calibration", "stage1", "train_data", "stage2"} <= set(recipe["reports"])
+    s1 = recipe["reports"]["stage1"]["blocks"]
+    assert len(s1) == 2
+    s2 = recipe["reports"]["stage2"]
+    assert s2["eval_after"]["kl"] < s2["eval_before"]["kl"]
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tiny_qwen3_dir: Path, data_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = run_train(_cfg(tiny_qwen3_dir, data_dir, tmp_path / "ref"), progress=False)
+
+    real = stage2_mod.run_stage2
+
+    def interrupted(*args, **kw):
+        def stop(step: int, _metrics: dict) -> None:
+            if step == 2:
+                raise KeyboardInterrupt
+        return real(*args, **kw, on_step=stop)
+
+    monkeypatch.setattr(stage2_mod, "run_stage2", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(_cfg(tiny_qwen3_dir, data_dir, tmp_path / "ck"), progress=False)
+    assert not (tmp_path / "ck").exists() and (tmp_path / "ck.work").exists()
+    with pytest.raises(OutputExistsError, match="--resume"):
+        run_train(_cfg(tiny_qwen3_dir, data_dir, tmp_path / "ck"), progress=False)
+    with pytest.raises(ConfigError, match="different settings.*alpha"):
+        run_train(_cfg(tiny_qwen3_dir, data_dir, tmp_path / "ck", resume=True, alpha=0.5), progress=False)
+    monkeypatch.setattr(stage2_mod, "run_stage2", real)
+    out = run_train(_cfg(tiny_qwen3_dir, data_dir, tmp_path / "ck", resume=True), progress=False)
+    a, b = _tensors(ref), _tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "ck.work").exists()
+
+
+@pytest.mark.parametrize("recipe, grid", [("gptq", "kquant"), ("efficientqat", "uniform")])
+def test_other_recipes_run(tiny_qwen3_dir: Path, data_dir: Path, tmp_path: Path, recipe: str, grid: str) -> None:
+    cfg = _cfg(tiny_qwen3_dir, data_dir, tmp_path / "ck", recipe=recipe, quant=QuantSpec(bits=3, grid=grid))
+    out = run_train(cfg, progress=False)
+    recipe_rec = json.loads((out / "rqat_quant.json").read_text())["recipe"]
+    assert recipe_rec["plan"]["init"] == ("gptq" if recipe == "gptq" else "stage1")
+    assert ("stage2" in recipe_rec["reports"]) == (recipe == "efficientqat")
+
+
+def test_bad_recipe_settings(tiny_qwen3_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'rqat'"):
+        _cfg(tiny_qwen3_dir, data_dir, tmp_path / "x", recipe="rqta")
+    with pytest.raises(ConfigError, match="with a stage 2; .rtn. has none"):
+        run_train(_cfg(tiny_qwen3_dir, data_dir, tmp_path / "x", recipe="rtn", loss="C"), progress=False)
+    with pytest.raises(ConfigError, match="calib-seq-len must be >= 1"):
+        _cfg(tiny_qwen3_dir, data_dir, tmp_path / "x", calib_seq_len=0)
