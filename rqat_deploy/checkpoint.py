@@ -458,6 +458,10 @@ def load_model(
         raise CheckpointError(f"{ckpt.path}: tensors missing from the checkpoint: {missing[:5]}")
     if tied:
         model.tie_weights()
+    if (ckpt.path / "generation_config.json").exists():  # eos ids, sampling defaults of the base model
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(ckpt.path))
     tokenizer = None
     if (ckpt.path / "tokenizer_config.json").exists() or (ckpt.path / "tokenizer.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))

@@ -215,8 +215,8 @@ def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type:
               help="Grade-only: score this JSONL of responses (fields: response, index) without running a model.")
 @click.option("--limit", default=None, type=int, help="Use the first N problems.")
 @click.option("--max-tokens", default=32768, show_default=True, type=int, help="Generation limit per response.")
-@click.option("--runtime", default=None, type=click.Choice(["llama.cpp", "transformers", "vllm"]),
-              help="Default: llama.cpp for .gguf files, transformers otherwise.")
+@click.option("--runtime", default=None, type=click.Choice(["llama.cpp", "transformers", "vllm", "onnxruntime"]),
+              help="Default: llama.cpp for .gguf files, onnxruntime for ONNX export dirs, transformers otherwise.")
 @click.option("--seeds", default=1, show_default=True, type=int, help="Sampling seeds (accuracy is reported with a CI over them).")
 @click.option("--greedy", is_flag=True, help="Greedy decoding instead of temperature 0.6 / top-k 20.")
 @click.option("--temperature", default=0.6, show_default=True, type=float)

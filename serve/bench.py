@@ -318,7 +318,8 @@ def run_bench(
         limit: at most this many questions.
         max_tokens: generated-token limit per response (also the truncation limit when grading
             rows that report ``n_completion_tokens``).
-        runtime: ``llama.cpp`` / ``transformers`` / ``vllm``; None picks by file type.
+        runtime: ``llama.cpp`` / ``transformers`` / ``vllm`` / ``onnxruntime``; None picks by file
+            type (:func:`~rqat_deploy.serve.runtimes.detect_runtime`).
         seeds: sampling seeds 0..seeds-1 (accuracy confidence interval over them).
         out_dir: output directory (``report.json``, ``report.md``, plots, ``responses/``).
         baseline: label or path of the model the ratios are computed against (default the first).

@@ -1,4 +1,4 @@
-"""Runtimes behind one small interface: llama.cpp (llama-cpp-python), transformers, vLLM.
+"""Runtimes behind one small interface: llama.cpp (llama-cpp-python), transformers, vLLM, ONNX Runtime.
 
 Every runtime does the same things the same way, so their numbers can be compared:
 
@@ -13,13 +13,14 @@ Every runtime does the same things the same way, so their numbers can be compare
   deterministic runs. Each prompt gets its own seed. Known difference: llama.cpp applies top-p
   before the temperature, transformers and vLLM after; it only matters when top-p < 1 (default 1).
 - **Stopping**: at an end-of-generation token (not counted, not in the text) or at ``max_tokens``
-  (``finish_reason = "length"``).
+  (``finish_reason = "length"``). The end-of-generation ids of a model directory / ONNX export are
+  those of its ``generation_config.json`` and its tokenizer (ONNX: plus ``genai_config.json``'s).
 - **Counting**: completion tokens are generated ids; thinking tokens are counted on the ids by
   :mod:`rqat_deploy.serve.thinking` with the ``<think>`` / ``</think>`` ids when the vocabulary has
   them as single tokens. The text is decoded with special tokens kept, so the tags stay visible.
 - **Timing** (per generation and in :meth:`Runtime.speed`): ``ttft_s`` = wall time from the call
   to the first generated token; ``prefill_tokens_per_s`` = prompt tokens / prefill time (llama.cpp:
-  its own prompt-eval timer; transformers / vLLM: the TTFT); ``decode_tokens_per_s`` = tokens after
+  its own prompt-eval timer; transformers / vLLM / ONNX Runtime: the TTFT); ``decode_tokens_per_s`` = tokens after
   the first / the time after the first.
 
 ``generate`` runs the prompts one at a time (vLLM: in chunks); Ctrl-C raises
@@ -44,6 +45,7 @@ __all__ = [
     "Generation",
     "GenerationInterrupted",
     "LlamaCppRuntime",
+    "OnnxRuntime",
     "Runtime",
     "SamplingParams",
     "TransformersRuntime",
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 #: The names ``--runtime`` accepts.
-RUNTIMES: tuple[str, ...] = ("llama.cpp", "transformers", "vllm")
+RUNTIMES: tuple[str, ...] = ("llama.cpp", "transformers", "vllm", "onnxruntime")
 #: Appended to each question (Qwen's math evaluation prompt).
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -941,13 +943,183 @@ class VLLMRuntime(Runtime):
 
 
 # ==================================================================================================
+# ONNX Runtime
+# ==================================================================================================
+
+
+def _is_onnx_export(path: Path) -> bool:
+    """A directory written by ``rqat-deploy export --format onnx`` (``model.onnx`` + ``genai_config.json``)."""
+    return path.is_dir() and (path / "model.onnx").is_file() and (path / "genai_config.json").is_file()
+
+
+class OnnxRuntime(Runtime):
+    """An ONNX export directory (``model.onnx`` + ``genai_config.json`` + tokenizer files) run on the
+    CPU by :class:`rqat_deploy.exporters.onnx.OnnxCausalLM`, with the KV cache, batch 1.
+
+    The prompt is rendered and tokenized with the export's own tokenizer files, as the transformers
+    runtime does with a model directory. The default engine is ``"onnxruntime"`` (a plain
+    ``InferenceSession`` loop whose sampler applies temperature, then top-k, then top-p, as
+    transformers does); ``"genai"`` runs ``onnxruntime_genai.Generator``, whose ``OnnxCausalLM``
+    loop asks for ``min_length = max_length`` and so never stops at an end-of-generation token
+    (fine for the speed run; answering questions with it raises :class:`ConfigError`).
+
+    Args:
+        model_path: the export directory.
+        enable_thinking: thinking mode in the chat template.
+        n_threads: ORT intra-op threads (None: ORT's default, all cores).
+        device: ``cpu`` or None (the export runs on ORT's CPU execution provider only).
+        engine: ``"onnxruntime"``, ``"genai"`` or ``"auto"`` (see :class:`OnnxCausalLM`).
+        accuracy_level: run every ``MatMulNBits`` at this level instead of the written one
+            (``onnxruntime`` engine; 0 = fp32 activations, 4 = int8).
+
+    Raises:
+        BackendError: onnxruntime (or onnxruntime-genai for ``engine="genai"``) is not installed.
+        ConfigError: a CUDA device, or ``accuracy_level`` with the genai engine.
+        ModelLoadError: the directory is not an ONNX export or has no tokenizer.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        enable_thinking: bool = True,
+        n_threads: int | None = None,
+        device: str | None = None,
+        engine: str = "onnxruntime",
+        accuracy_level: int | None = None,
+    ) -> None:
+        super().__init__(model_path, enable_thinking=enable_thinking)
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise BackendError(
+                "the onnxruntime runtime needs ONNX Runtime: `pip install onnxruntime onnxruntime-genai` "
+                "(or the `onnx` extra), or bench the checkpoint with --runtime transformers"
+            ) from exc
+        if device and not device.startswith("cpu"):
+            raise ConfigError(f"the onnxruntime runtime runs ONNX exports on the CPU only; got device {device!r} (drop --device)")
+        path = Path(model_path)
+        if not _is_onnx_export(path):
+            raise ModelLoadError(
+                f"{model_path!r} is not an ONNX export (a directory with model.onnx and genai_config.json); "
+                "write one with `rqat-deploy export --format onnx`"
+            )
+        from transformers import AutoTokenizer
+
+        from rqat_deploy.exporters.onnx import OnnxCausalLM
+
+        self._ort_version = onnxruntime.__version__
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path} has no usable tokenizer files ({exc}): re-export it") from exc
+        self.model = OnnxCausalLM(path, engine=engine, threads=n_threads, accuracy_level=accuracy_level)
+        self.n_threads, self.accuracy_level = n_threads, accuracy_level
+        self.chat_template = getattr(self.tokenizer, "chat_template", None)
+        self.special_tokens = {
+            k: getattr(self.tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
+        self.eos_ids = self._eos_ids(path)
+        self.think_ids = self._find_think_ids()
+        report = path / "rqat_export.json"
+        self.export_report: dict[str, Any] = json.loads(report.read_text()) if report.exists() else {}
+
+    def _eos_ids(self, path: Path) -> list[int]:
+        """End-of-generation ids: ``generation_config.json``, then the tokenizer, then ``genai_config.json``."""
+        values: list[Any] = []
+        gen_cfg = path / "generation_config.json"
+        if gen_cfg.exists():
+            values.append(json.loads(gen_cfg.read_text()).get("eos_token_id"))
+        values.append(self.tokenizer.eos_token_id)
+        values.append(json.loads((path / "genai_config.json").read_text()).get("model", {}).get("eos_token_id"))
+        ids: list[int] = []
+        for value in values:
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v is not None and int(v) not in ids:
+                    ids.append(int(v))
+        if not ids:
+            raise ModelLoadError(f"{self.model_path}: no eos token in generation_config.json, the tokenizer or genai_config.json")
+        return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _generate_one(
+        self, prompt_ids: list[int], sampling: SamplingParams, seed: int, *, ignore_eos: bool = False
+    ) -> Generation:
+        if self.model.engine == "genai" and not ignore_eos:
+            raise ConfigError(
+                "the genai engine of OnnxCausalLM never stops at an end-of-generation token (it sets min_length); "
+                "answer questions with engine='onnxruntime' (the default) and use genai for speed-only runs"
+            )
+        if sampling.greedy:
+            temperature, top_k, top_p = 0.0, 0, 1.0
+        else:
+            temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
+        out = self.model.generate(
+            prompt_ids, sampling.max_tokens, stop_ids=() if ignore_eos else self.eos_ids,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        )
+        ids = list(out.token_ids)
+        # Count as transformers does: every token computed after the first, a stop token included.
+        n_gen = len(ids) + (1 if out.finish_reason == "stop" else 0)
+        return Generation(
+            text=self.tokenizer.decode(ids, skip_special_tokens=False),
+            token_ids=ids,
+            n_prompt_tokens=len(prompt_ids),
+            n_completion_tokens=len(ids),
+            finish_reason=out.finish_reason,
+            ttft_s=out.ttft_s,
+            total_s=out.total_s,
+            prefill_tokens_per_s=_rate(len(prompt_ids), out.ttft_s),
+            decode_tokens_per_s=_rate(n_gen - 1, out.total_s - out.ttft_s),
+        )
+
+    def logits(self, prompt_ids: Sequence[int]) -> Any:
+        """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy), for agreement tests."""
+        return self.model.logits(list(prompt_ids))
+
+    def describe(self) -> dict[str, Any]:
+        rep = self.export_report
+        written = rep.get("accuracy_level")
+        info: dict[str, Any] = {
+            "runtime": self.name,
+            "kind": "onnx",
+            "device": "cpu",
+            "engine": self.model.engine if self.model is not None else None,
+            "n_threads": self.n_threads,
+            "accuracy_level": self.accuracy_level if self.accuracy_level is not None else written,
+            "onnxruntime_version": self._ort_version,
+            "context_length": self.model.context_length if self.model is not None else None,
+            "chat_template": bool(self.chat_template),
+            "enable_thinking": self.enable_thinking,
+            "think_ids": list(self.think_ids) if self.think_ids else None,
+            "eos_ids": self.eos_ids,
+        }
+        if rep.get("bits"):  # the export's config.json reads as a float model; its report knows better
+            info.update(bits=int(rep["bits"]), container_bits=rep.get("container_bits"),
+                        group_size=rep.get("group_size"), bits_per_weight=None)
+        return info
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
+
+# ==================================================================================================
 # Choosing a runtime
 # ==================================================================================================
 
 
 def detect_runtime(model: str) -> str:
-    """The default runtime of a model: ``llama.cpp`` for ``.gguf`` files, ``transformers`` otherwise."""
-    return "llama.cpp" if str(model).lower().endswith(".gguf") else "transformers"
+    """The default runtime of a model: ``llama.cpp`` for ``.gguf`` files, ``onnxruntime`` for ONNX
+    export directories (``model.onnx`` + ``genai_config.json``), ``transformers`` otherwise."""
+    if str(model).lower().endswith(".gguf"):
+        return "llama.cpp"
+    return "onnxruntime" if _is_onnx_export(Path(model)) else "transformers"
 
 
 def load_runtime(
@@ -963,9 +1135,10 @@ def load_runtime(
 
     Args:
         model: a GGUF file, a model / checkpoint / export directory, or a Hub id.
-        runtime: ``llama.cpp``, ``transformers`` or ``vllm``; None picks by :func:`detect_runtime`.
+        runtime: ``llama.cpp``, ``transformers``, ``vllm`` or ``onnxruntime``; None picks by
+            :func:`detect_runtime`.
         enable_thinking: thinking mode in the chat template.
-        n_threads: CPU threads (llama.cpp, transformers).
+        n_threads: CPU threads (llama.cpp, transformers, onnxruntime).
         device: ``cpu`` / ``cuda`` (transformers); ``cuda`` offloads all llama.cpp layers.
         **kwargs: runtime-specific options (see each class).
 
@@ -973,7 +1146,8 @@ def load_runtime(
         The loaded :class:`Runtime`.
 
     Raises:
-        ConfigError: an unknown runtime, or a GGUF file given to transformers.
+        ConfigError: an unknown runtime, a GGUF file given to transformers, or a non-ONNX model given
+            to onnxruntime.
         BackendError: the runtime is not installed or has no device.
         ModelLoadError: the model cannot be loaded.
     """
@@ -986,10 +1160,19 @@ def load_runtime(
         if device and device.startswith("cuda"):
             kwargs.setdefault("n_gpu_layers", -1)
         return LlamaCppRuntime(model, enable_thinking=enable_thinking, n_threads=n_threads, **kwargs)
+    if name in ("transformers", "vllm") and _is_onnx_export(Path(model)):
+        raise ConfigError(f"{model!r} is an ONNX export: run it with --runtime onnxruntime")
     if name == "transformers":
         if str(model).lower().endswith(".gguf"):
             raise ConfigError("give the transformers runtime a model directory, not a GGUF file (use --runtime llama.cpp)")
         return TransformersRuntime(model, enable_thinking=enable_thinking, device=device, n_threads=n_threads, **kwargs)
+    if name == "onnxruntime":
+        if not _is_onnx_export(Path(model)):
+            raise ConfigError(
+                f"the onnxruntime runtime reads ONNX export directories (model.onnx + genai_config.json); {model!r} "
+                "is not one (export it with `rqat-deploy export --format onnx`)"
+            )
+        return OnnxRuntime(model, enable_thinking=enable_thinking, n_threads=n_threads, device=device, **kwargs)
     return VLLMRuntime(model, enable_thinking=enable_thinking, **kwargs)
 
 
