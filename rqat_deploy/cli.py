@@ -169,13 +169,16 @@ FORMATS = ("gguf", "compressed-tensors", "gptq", "onnx")
 @click.option("--gguf-type", default=None,
               help="GGUF type of quantized weights (Q2_K, Q3_K, Q4_K, Q4_0, Q8_0...). Default: exact for kquant "
                    "checkpoints, Q2_K/Q3_K/Q4_K for uniform int2/int3/int4 (error reported; Q4_0 is exact for int2/int3).")
-@click.option("--embed-type", default="F16", show_default=True, help="GGUF type of embeddings and the output matrix.")
+@click.option("--embed-type", default="F16", show_default=True, type=click.Choice(["F32", "F16", "BF16", "Q8_0"]),
+              help="GGUF type of embeddings and the output matrix.")
+@click.option("--tokenizer-pre", default=None,
+              help="llama.cpp pre-tokenizer name (auto-detected: qwen2, llama-bpe, gpt2), e.g. deepseek-r1-qwen.")
 @click.option("--zero-point", default="v2", show_default=True, type=click.Choice(["v2", "v1"]),
               help="GPTQ zero-point convention (v1 refuses zero points of 0).")
 @click.option("--accuracy-level", default=None, type=int, help="ONNX MatMulNBits accuracy_level (4: int8 activations).")
 @click.option("--no-verify", is_flag=True, help="Skip decoding the written files with an independent reader.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
-def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type: str, zero_point: str,
+def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type: str, tokenizer_pre: str | None, zero_point: str,
            accuracy_level: int | None, no_verify: bool, force: bool) -> None:
     """Write a quantized checkpoint in a runtime's format, verified by decoding it back.
 
@@ -191,7 +194,8 @@ def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type:
     if fmt == "gguf":
         from rqat_deploy.exporters.gguf import export_gguf
 
-        report = export_gguf(ckpt_dir, out, gguf_type=gguf_type, embed_type=embed_type, verify=verify, force=force)
+        report = export_gguf(ckpt_dir, out, gguf_type=gguf_type, embed_type=embed_type, tokenizer_pre=tokenizer_pre,
+                             verify=verify, force=force)
     elif fmt == "compressed-tensors":
         from rqat_deploy.exporters.compressed_tensors import export_compressed_tensors
 
@@ -277,9 +281,11 @@ def inspect(path: str, as_json: bool) -> None:
       rqat-deploy inspect model.gguf --json
     """
     if path.endswith(".gguf"):
-        from rqat_deploy.exporters.gguf import inspect_gguf
+        from rqat_deploy.exporters.gguf import format_inspect, inspect_gguf
 
         info = inspect_gguf(path)
+        click.echo(json.dumps(info, indent=2, default=str) if as_json else format_inspect(info))
+        return
     else:
         from rqat_deploy.summary import inspect_checkpoint
 

@@ -412,6 +412,8 @@ class LlamaCppRuntime(Runtime):
         n_ctx: int | None = None,
     ) -> None:
         super().__init__(model_path, enable_thinking=enable_thinking)
+        # Beside PyTorch, llama.cpp's OpenMP workers spin-wait for seconds per call unless passive.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             import llama_cpp
         except ImportError as exc:

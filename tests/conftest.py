@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite runs under pytest-xdist (one worker per core): one torch thread per worker avoids
 # oversubscription, which makes torch's many small CPU ops ~10x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# llama.cpp's OpenMP threads spin-wait for seconds per call beside PyTorch's unless passive.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # --- Tiny local models (rqat_deploy.tiny): built once per session, offline, deterministic. -------
