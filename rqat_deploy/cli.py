@@ -153,7 +153,10 @@ def train(**kw: Any) -> None:
     except KeyboardInterrupt:
         click.secho(f"interrupted: progress is kept in {cfg.work_path}; rerun the same command with --resume", err=True)
         sys.exit(130)
-    click.echo(f"wrote {out}")
+    from rqat_deploy.distributed import is_main
+
+    if is_main():
+        click.echo(f"wrote {out}")
 
 
 FORMATS = ("gguf", "compressed-tensors", "gptq", "onnx")

@@ -19,10 +19,43 @@ bit, as an uninterrupted run (the data order of each epoch is a fixed function o
 epoch). A non-finite loss, gradient or scale stops the run with :class:`NonFiniteError` naming the
 step and module; the state on disk stays the last good one. Metrics go to a JSONL file (and to
 TensorBoard when installed).
+
+Multi-GPU (data parallel, PyTorch's own engine): launch one process per device with ``torchrun``::
+
+    torchrun --nproc_per_node 8 -m rqat_deploy.cli train --model Qwen/Qwen3-8B --bits 2 --device cuda --out q8b-int2
+    torchrun --nproc_per_node 8 -m rqat_deploy.cli train ... --resume     # after an interruption
+
+(``python -m rqat_deploy.cli`` is the ``rqat-deploy`` command; pass ``--device cuda``, never
+``cuda:N``: each process uses ``cuda:LOCAL_RANK``). :func:`rqat_deploy.train.run_train` opens the
+process group (:func:`rqat_deploy.distributed.init_distributed`: ``nccl`` on CUDA, ``gloo`` on
+CPU) and :func:`run_stage2` notices it by itself. What is distributed:
+
+* stage 2 only. The student is wrapped in :class:`torch.nn.parallel.DistributedDataParallel`,
+  which all-reduces the gradients of the trainable scales only (frozen parameters and buffers,
+  the integer codes included, are neither broadcast nor synchronised). Every optimizer step's
+  global batch (the same ``global_batch`` samples in the same order as a single process) is cut
+  into contiguous, disjoint per-rank shards; each rank accumulates over its own micro-batches and
+  the all-reduce runs once, on its last micro-batch. Every loss term is divided by the global
+  batch's completion-token count (each rank holds the whole data set, so it knows that count; the
+  ranks' token counts are all-reduced with the step's metrics and checked against it), and each
+  rank's loss is multiplied by the world size to undo DDP's averaging: the gradient is the single
+  process's, up to float rounding. A rank whose shard is empty (a short last batch) joins the
+  all-reduce with a zero-weighted micro-batch. The clipped gradients, the AdamW step and the
+  schedule are then identical on every rank, so the scales stay equal without further traffic.
+  The held-out evaluation is sharded the same way and its sums all-reduced.
+* not stage 1, GPTQ or RTN, nor the teacher cache: rank 0 runs them on its own device (stage 1 stays
+  single-device per process) while the other ranks wait, then every rank loads rank 0's
+  result. The teacher (live or cached) serves each rank's own samples.
+
+Only rank 0 writes the state, the metrics, TensorBoard and progress bars; on ``resume`` every rank
+reads the same ``stage2_state.pt`` (so ``state_dir`` must be visible to all ranks: one node, or a
+shared filesystem), and the ranks check that they hold the same data, resume point and trainable
+tensors before training. A non-finite loss on any rank stops every rank with the same message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -38,9 +71,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rqat_deploy import distributed as dist_utils
 from rqat_deploy.data import SFTSet
 from rqat_deploy.errors import ConfigError, RqatError
-from rqat_deploy.losses import LossConfig, chunked_loss, token_metrics
+from rqat_deploy.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics
 from rqat_deploy.surgery import freeze_codes, quant_linears
 from rqat_deploy.teacher import Teacher, decoder_and_head
 
@@ -183,7 +217,8 @@ class Stage2Report:
         trainable: number of trainable tensors and of their elements.
         config: the resolved :class:`Stage2Config` as a dict.
         log_path, state_path: files written (or ``None``).
-        peak_memory_bytes: peak CUDA memory allocated (CUDA only).
+        peak_memory_bytes: peak CUDA memory allocated (CUDA only; this process's device).
+        world_size: processes that trained together (data parallel; 1 for a single process).
     """
 
     steps: int
@@ -201,6 +236,7 @@ class Stage2Report:
     log_path: str | None = None
     state_path: str | None = None
     peak_memory_bytes: int | None = None
+    world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -310,8 +346,13 @@ def evaluate(
     micro_batch: int = 1,
     chunk_size: int = 1024,
     autocast_dtype: str | None = None,
+    distributed: bool = False,
 ) -> dict[str, float]:
     """Per-token held-out ``kl`` (teacher top-k + tail bucket), ``ce`` and (live teacher) ``kl_full``.
+
+    Args:
+        distributed: every rank of the process group calls this with the same ``indices``; each
+            evaluates its contiguous share and the sums are all-reduced (same result on all ranks).
 
     Returns:
         ``{"kl": .., "ce": .., "tokens": ..}`` (+ ``"kl_full"``); empty when ``indices`` is empty.
@@ -321,10 +362,12 @@ def evaluate(
     base, head = decoder_and_head(student)
     device = next(student.parameters()).device
     live = hasattr(teacher, "sample_targets")
-    sums: dict[str, float] = {}
+    keys = ("tokens", "ce", "kl_topk_tail") + (("kl_full",) if live else ())
+    sums: dict[str, float] = dict.fromkeys(keys, 0.0)
     was_training = student.training
     student.eval()
-    for mb in _micro_batches(list(indices), micro_batch):
+    local = dist_utils.shard(list(indices)) if distributed else list(indices)
+    for mb in _micro_batches(local, micro_batch):
         ids, mask, labels = _batch(data, mb, device)
         t = teacher.targets(mb, ids, mask, labels, with_hidden=live).to(device)
         with _autocast(autocast_dtype, device):
@@ -333,11 +376,85 @@ def evaluate(
         for k, v in token_metrics(h, head.weight, getattr(head, "bias", None), y, t, chunk_size).items():
             sums[k] = sums.get(k, 0.0) + v
     student.train(was_training)
+    if distributed:
+        total = dist_utils.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device))
+        sums = dict(zip(keys, total.tolist()))
     n = max(sums.get("tokens", 0.0), 1.0)
     out = {"kl": sums["kl_topk_tail"] / n, "ce": sums["ce"] / n, "tokens": sums["tokens"]}
     if "kl_full" in sums:
         out["kl_full"] = sums["kl_full"] / n
     return out
+
+
+class _StudentLoss(nn.Module):
+    """The student's stage-2 loss on one micro-batch, as a module: DistributedDataParallel wraps it.
+
+    The forward runs the decoder (under autocast) and the chunked loss through ``lm_head``, so every
+    trainable parameter, the head's included, is used inside the wrapped forward.
+    """
+
+    def __init__(self, student: nn.Module, loss_cfg: LossConfig, autocast_dtype: str | None) -> None:
+        super().__init__()
+        self.student = student
+        self.loss_cfg = loss_cfg
+        self.autocast_dtype = autocast_dtype
+
+    def forward(  # type: ignore[override]
+        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, targets: TeacherTargets, n_norm: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        base, head = decoder_and_head(self.student)
+        with _autocast(self.autocast_dtype, ids.device):
+            hidden = _student_hidden(base, ids, mask)  # [B, T, H]
+        h, y = _select(hidden, labels)  # [N, H], [N]
+        out = chunked_loss(h, head.weight, getattr(head, "bias", None), y, targets, self.loss_cfg, n_norm)
+        return out.loss, out.parts
+
+
+def _wrap_ddp(model: nn.Module) -> nn.Module:
+    """``model`` in DistributedDataParallel, synchronising (and broadcasting at start) only what trains.
+
+    Frozen parameters (codes are buffers; embeddings, norms...) and all buffers are left out of
+    DDP's start-up broadcast and per-forward buffer sync: every rank loaded the same checkpoint,
+    and the integer codes of a large model would otherwise cross the network for nothing.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    ignore = [
+        f"{mod_name}.{name}" if mod_name else name
+        for mod_name, mod in model.named_modules()
+        for name, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+        if not (isinstance(t, nn.Parameter) and t.requires_grad)
+    ]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    return DistributedDataParallel(model, device_ids=None, find_unused_parameters=False)
+
+
+def _check_process_group(device: torch.device) -> None:
+    """The process group's backend must serve the student's device, one device per process."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend())
+    if device.type == "cuda":
+        if "nccl" not in backend:
+            raise ConfigError(f"the student is on {device} but the process group uses {backend!r}: use the nccl backend on CUDA")
+        if device.index is not None and device.index != torch.cuda.current_device():
+            raise ConfigError(
+                f"rank {dist.get_rank()}: the student is on {device}, this process's device is cuda:{torch.cuda.current_device()}; "
+                "under torchrun put each rank's model on cuda:LOCAL_RANK (--device cuda)"
+            )
+    elif "gloo" not in backend:
+        raise ConfigError(f"the student is on {device} but the process group uses {backend!r}: use the gloo backend on CPU")
+
+
+def _agree(what: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` unless every rank has the same ``what`` (data, resume point...)."""
+    seen = dist_utils.all_gather_object(what)
+    diff = sorted(k for k in what if any(s.get(k) != seen[0].get(k) for s in seen))
+    if diff:
+        raise ConfigError(
+            f"the ranks disagree on {diff} ({', '.join(f'{k}: {[s.get(k) for s in seen]}' for k in diff[:3])}): every rank "
+            "must build the same data with the same settings and see the same state_dir (a shared filesystem)"
+        )
 
 
 class _Logger:
@@ -458,8 +575,12 @@ def run_stage2(
     rcfg = cfg.resolved(student)
     loss_cfg = rcfg.loss_config()
     params = trainable_parameters(student, rcfg)
-    base, head = decoder_and_head(student)
+    decoder_and_head(student)  # a causal LM with a base model and a head, or ConfigError
     device = next(student.parameters()).device
+    world = dist_utils.world_size() if dist_utils.is_distributed() else 1
+    main = dist_utils.is_main()
+    if world > 1:
+        _check_process_group(device)
     if rcfg.gradient_checkpointing:
         if not getattr(student, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{type(student).__name__} does not support gradient checkpointing")
@@ -503,12 +624,17 @@ def run_stage2(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start, eval_before, last_saved = int(state["step"]), state["eval_before"], int(state["step"])
+    if world > 1:  # before anything is written: every rank has read the same state (or none)
+        _agree({"data": fingerprint, "start_step": start, "steps": total, "trainable": [n for n, _ in params]})
     log_path = Path(rcfg.log_path) if rcfg.log_path else (sdir / METRICS_FILE if sdir is not None else None)
-    logger = _Logger(log_path, rcfg.tensorboard, start if last_saved is not None else None)
+    logger = _Logger(log_path if main else None, rcfg.tensorboard, start if last_saved is not None else None)
 
     def snapshot(step: int) -> None:
         nonlocal last_saved
         if state_path is None:
+            return
+        if not main:  # rank 0 writes; the others only note that the state now exists
+            last_saved = step
             return
         _save_state(state_path, {
             "step": step,
@@ -522,15 +648,20 @@ def run_stage2(
         })
         last_saved = step
 
-    ev = dict(micro_batch=rcfg.micro_batch, chunk_size=rcfg.loss_chunk, autocast_dtype=rcfg.autocast_dtype)
+    ev = dict(micro_batch=rcfg.micro_batch, chunk_size=rcfg.loss_chunk, autocast_dtype=rcfg.autocast_dtype,
+              distributed=world > 1)
     if eval_before is None:
-        eval_before = evaluate(student, data, eval_idx, teacher, **ev)
+        eval_before = evaluate(student, data, eval_idx, teacher, **ev)  # type: ignore[arg-type]
         logger.log({"event": "eval", "when": "before", "step": start, **eval_before})
     counts = data.completion_tokens()
+    part_names = [TERMS[t] for t in loss_cfg.term_set]
+    engine = _StudentLoss(student, loss_cfg, rcfg.autocast_dtype)
+    if world > 1:
+        engine = _wrap_ddp(engine)
     student.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=total, initial=start, desc="stage 2", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="stage 2", disable=not (progress and main), dynamic_ncols=True)
     t0, tokens, final_loss, done = time.perf_counter(), 0, None, start
     order_epoch, order = -1, []
     updating = False  # True while the optimizer changes the parameters (a state then is not consistent)
@@ -540,25 +671,44 @@ def run_stage2(
             if epoch != order_epoch:
                 order_epoch, order = epoch, [train_idx[i] for i in epoch_order(len(train_idx), rcfg.seed, epoch)]
             idx = order[pos * rcfg.global_batch : (pos + 1) * rcfg.global_batch]
-            n_norm = int(counts[idx].sum())
+            n_norm = int(counts[idx].sum())  # the GLOBAL batch's completion tokens (every rank holds the data)
+            local = dist_utils.shard(idx) if world > 1 else idx
+            # DDP averages gradients over ranks; each rank's loss is a share of the global per-token
+            # mean, so scaling it by the world size makes the average the single-process gradient.
+            # A rank whose share is empty (a short last batch) still joins the all-reduce with a
+            # zero-weighted micro-batch.
+            weight = float(world) if local else 0.0
+            mbs = list(_micro_batches(local or idx[:1], rcfg.micro_batch))
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, parts_sum = 0.0, {}
-            for mb in _micro_batches(idx, rcfg.micro_batch):
-                ids, mask, labels = _batch(data, mb, device)
-                with torch.no_grad():
-                    targets = teacher.targets(mb, ids, mask, labels, with_hidden=loss_cfg.needs_full_teacher).to(device)
-                with _autocast(rcfg.autocast_dtype, device):
-                    hidden = _student_hidden(base, ids, mask)
-                h, y = _select(hidden, labels)
-                out = chunked_loss(h, head.weight, getattr(head, "bias", None), y, targets, loss_cfg, max(n_norm, 1))
-                if not torch.isfinite(out.loss.detach()):
-                    raise NonFiniteError(
-                        f"non-finite loss ({float(out.loss.detach())}) at step {step} on samples {mb}: {out.parts}; {_last_good(last_saved)}"
-                    )
-                out.loss.backward()
-                loss_sum += float(out.loss.detach())
-                for k, v in out.parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v
+            loss_sum, parts_sum, local_tokens, bad = 0.0, dict.fromkeys(part_names, 0.0), 0, None
+            for i, mb in enumerate(mbs):
+                no_sync = world > 1 and i < len(mbs) - 1  # gradients all-reduce once, on the last micro-batch
+                with engine.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+                    ids, mask, labels = _batch(data, mb, device)
+                    with torch.no_grad():
+                        targets = teacher.targets(mb, ids, mask, labels, with_hidden=loss_cfg.needs_full_teacher).to(device)
+                    loss, parts = engine(ids, mask, labels, targets, max(n_norm, 1))
+                    if weight and not torch.isfinite(loss.detach()) and bad is None:
+                        where = f" (rank {dist_utils.rank()})" if world > 1 else ""
+                        bad = f"non-finite loss ({float(loss.detach())}) at step {step} on samples {mb}{where}: {parts}"
+                        if world == 1:
+                            raise NonFiniteError(f"{bad}; {_last_good(last_saved)}")
+                    (loss * weight if weight != 1.0 else loss).backward()  # all ranks back-propagate: DDP stays in step
+                if weight:
+                    loss_sum += float(loss.detach())
+                    local_tokens += len(targets)
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + v
+            if world > 1:  # global loss and parts for the log; a non-finite loss on any rank stops all
+                vec = torch.tensor([loss_sum, *(parts_sum[k] for k in part_names), local_tokens, bad is not None],
+                                   dtype=torch.float64, device=device)
+                summed: list[float] = dist_utils.all_reduce_sum(vec).tolist()
+                loss_sum, parts_sum = summed[0], dict(zip(part_names, summed[1:-2]))
+                if summed[-1]:
+                    msgs = [m for m in dist_utils.all_gather_object(bad) if m is not None]
+                    raise NonFiniteError(f"{msgs[0]}; {_last_good(last_saved)}")
+                if int(summed[-2]) != n_norm:  # the shards must cover the global batch exactly once
+                    raise RqatError(f"step {step}: the ranks trained {int(summed[-2])} completion tokens, the global batch has {n_norm}")
             _check_finite(params, "gradient", step, last_saved)
             plist = [p for _, p in params]
             if rcfg.max_grad_norm is not None:
@@ -596,7 +746,7 @@ def run_stage2(
     seconds = time.perf_counter() - t0
     if last_saved != done:
         snapshot(done)
-    eval_after = evaluate(student, data, eval_idx, teacher, **ev)
+    eval_after = evaluate(student, data, eval_idx, teacher, **ev)  # type: ignore[arg-type]
     logger.log({"event": "eval", "when": "after", "step": done, **eval_after})
     logger.close()
     return Stage2Report(
@@ -615,4 +765,5 @@ def run_stage2(
         log_path=str(log_path) if log_path else None,
         state_path=str(state_path) if state_path else None,
         peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+        world_size=world,
     )

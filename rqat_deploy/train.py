@@ -179,6 +179,11 @@ def _check_resume(cfg: TrainConfig) -> None:
 def run_train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     """Run the recipe in ``cfg`` and write the checkpoint.
 
+    Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) one process runs per device: rank 0
+    alone initialises (stage 1 / GPTQ / RTN), builds the teacher cache and writes every file, the
+    others wait and then load its results; stage 2 trains data-parallel on all of them
+    (:mod:`rqat_deploy.stage2`).
+
     Args:
         cfg: the resolved training configuration.
         progress: show progress bars.
@@ -191,15 +196,28 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         ModelLoadError: the model cannot be loaded.
         DataError: calibration or training data cannot be built.
     """
+    from rqat_deploy import distributed as dist_utils
+
+    if Path(cfg.out).exists() and not cfg.force:
+        raise OutputExistsError(f"{cfg.out} already exists: choose another --out or pass --force to overwrite it")
+    opened = dist_utils.init_distributed(cfg.device)
+    try:
+        dist_utils.barrier()  # every rank has checked --out before rank 0 may write it
+        return _run_train(cfg, progress=progress and dist_utils.is_main())
+    finally:
+        if opened:
+            dist_utils.destroy_distributed()
+
+
+def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
     import torch
 
+    from rqat_deploy import distributed as dist_utils
     from rqat_deploy.checkpoint import save_checkpoint
     from rqat_deploy.models import load_hf_model
     from rqat_deploy.surgery import prepare_model
 
-    out, plan = Path(cfg.out), cfg.plan
-    if out.exists() and not cfg.force:
-        raise OutputExistsError(f"{out} already exists: choose another --out or pass --force to overwrite it")
+    out, plan = Path(cfg.out), cfg.plan  # --out was checked by run_train
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model, tok = load_hf_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
@@ -209,16 +227,19 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         prepare_model(model, cfg.quant, backend=cfg.backend, progress=progress)
         student = model
     else:
-        _check_resume(cfg)
+        if dist_utils.is_main():
+            _check_resume(cfg)
         try:
             student = _initialise(cfg, model, tok, reports, progress=progress)
             if plan.loss is not None:
                 reports["stage2"] = _stage2(cfg, student, model, tok, reports, progress=progress)
         except BaseException:
-            if [p.name for p in cfg.work_path.iterdir()] == ["run.json"]:  # nothing worth resuming
+            if dist_utils.is_main() and [p.name for p in cfg.work_path.iterdir()] == ["run.json"]:  # nothing worth resuming
                 shutil.rmtree(cfg.work_path)
             raise
     recipe = cfg.to_recipe() | {"reports": reports, "seconds": round(time.perf_counter() - t0, 3)}
+    if not dist_utils.is_main():
+        return out
     path = save_checkpoint(student, out, tokenizer=tok, base_model=base, recipe=recipe, force=cfg.force)
     if plan.init != "rtn" and not cfg.keep_work:
         shutil.rmtree(cfg.work_path, ignore_errors=True)
@@ -227,6 +248,7 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> Path:
 
 def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> Any:
     """Stage 1 or GPTQ on a copy of ``teacher``; the result is saved in the work dir for resume."""
+    from rqat_deploy import distributed as dist_utils
     from rqat_deploy.checkpoint import load_model, save_checkpoint
     from rqat_deploy.data import DEFAULT_CALIB_SPEC, build_calibration
 
@@ -236,8 +258,13 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
         dtype = next(teacher.parameters()).dtype
         return load_model(init_ckpt, dtype=dtype, device=cfg.device, form="stage2", backend=cfg.backend)[0]
 
+    if not dist_utils.is_main():  # torchrun: rank 0 initialises and saves, the others load its result
+        dist_utils.wait_for_main()
+        reports.update(json.loads((cfg.work_path / "init_reports.json").read_text()))
+        return reload()
     if cfg.resume and (init_ckpt / "rqat_quant.json").exists():
         reports.update(json.loads((cfg.work_path / "init_reports.json").read_text()))
+        dist_utils.wait_for_main()
         return reload()
     calib = build_calibration(tok, cfg.calib or DEFAULT_CALIB_SPEC, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
     reports["calibration"] = calib.report
@@ -256,11 +283,13 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
     reports[cfg.plan.init] = _jsonable(rep)
     save_checkpoint(student, init_ckpt, tokenizer=tok, force=True)
     (cfg.work_path / "init_reports.json").write_text(json.dumps(reports, default=str))
+    dist_utils.wait_for_main()
     return reload()
 
 
 def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> dict[str, Any]:
     """Scale-only end-to-end training of ``student`` against ``teacher``."""
+    from rqat_deploy import distributed as dist_utils
     from rqat_deploy.data import DEFAULT_TRAIN_SPEC, build_sft
     from rqat_deploy.stage2 import Stage2Config, run_stage2
     from rqat_deploy.surgery import freeze_codes
@@ -274,7 +303,10 @@ def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dic
     full_vocab = "F" in plan.loss.split("+") or plan.loss == "reasoning-qat"
     if cfg.teacher_cache and not full_vocab:
         cache = cfg.work_path / "teacher_cache"
-        teacher_src: Any = CachedTeacher.build(teacher, data, cache, progress=progress)
+        if dist_utils.is_main():  # torchrun: rank 0 builds the cache, the others open it
+            CachedTeacher.build(teacher, data, cache, progress=progress)
+        dist_utils.wait_for_main()
+        teacher_src: Any = CachedTeacher(cache)
     else:
         teacher_src = LiveTeacher(teacher)
     s2 = Stage2Config(
