@@ -8,6 +8,7 @@ Option values come from: defaults < ``--config FILE`` (JSON, TOML or YAML) < fla
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -153,9 +154,7 @@ def train(**kw: Any) -> None:
     except KeyboardInterrupt:
         click.secho(f"interrupted: progress is kept in {cfg.work_path}; rerun the same command with --resume", err=True)
         sys.exit(130)
-    from rqat_deploy.distributed import is_main
-
-    if is_main():
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports (the group is closed by now)
         click.echo(f"wrote {out}")
 
 

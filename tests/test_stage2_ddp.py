@@ -115,13 +115,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _torchrun(argv: list[str], log: Path, cwd: Path | None = None) -> str:
-    """``torchrun --nproc_per_node 2 ARGV`` on 127.0.0.1 (gloo over loopback); returns its output."""
+def _torchrun(argv: list[str], log: Path, cwd: Path | None = None, tee: bool = False) -> str:
+    """``torchrun --nproc_per_node 2 ARGV`` on 127.0.0.1 (gloo over loopback); returns its output.
+
+    With ``tee`` every output line carries its rank's prefix (``[default0]:``, ``[default1]:``)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", TORCH_CPP_LOG_LEVEL="ERROR")
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *argv]
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *(["--tee", "3"] if tee else []), *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     log.write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
@@ -231,8 +233,11 @@ def test_torchrun_cli_train_writes_one_checkpoint(env: dict, tmp_path: Path) -> 
              "--calib-samples", "8", "--calib-seq-len", "48", "--train-data", str(env["conv"]), "--train-samples", "12",
              "--train-seq-len", "80", "--stage1-epochs", "1", "--global-batch", "4", "--micro-batch", "2",
              "--stage2-epochs", "1", "--stage2-lr", "1e-3", "--out", str(tmp_path / "ck")]
-    log = _torchrun(["-m", "rqat_deploy.cli", "train", *flags], tmp_path / "train.log")
-    assert log.count("stage 2: 100%") == 1  # one progress bar: rank 0's
+    log = _torchrun(["-m", "rqat_deploy.cli", "train", *flags], tmp_path / "train.log", tee=True)
+    # torchrun prefixes each newline-terminated line; a tqdm bar (\r-separated frames) stays on its rank's line
+    rank1 = "\n".join(line for line in log.split("\n") if line.startswith("[default1]"))
+    assert "stage 2: 100%" in log and "stage 2" not in rank1  # one progress bar: rank 0's
+    assert log.count("wrote ") == 1
     meta = json.loads((tmp_path / "ck" / "rqat_quant.json").read_text())
     s2 = meta["recipe"]["reports"]["stage2"]
     assert s2["world_size"] == 2 and s2["steps"] == 3 and s2["eval_after"]["kl"] < s2["eval_before"]["kl"]
