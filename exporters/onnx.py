@@ -384,25 +384,17 @@ def _run_builder(src: Path, dst: Path, precision: str, extra: list[str], cache: 
 
 @contextlib.contextmanager
 def _staged(out_dir: str | os.PathLike[str], ckpt_path: Path, force: bool) -> Iterator[Path]:
-    """Write into a temporary sibling of ``out_dir``, renamed into place on success, removed on failure.
+    """Refuse an ``out_dir`` overlapping the checkpoint, then write it through a staged temporary dir.
 
     Raises:
         ExportError: ``out_dir`` overlaps the checkpoint.
         OutputExistsError: ``out_dir`` exists and ``force`` is false.
     """
-    from rqat_deploy.checkpoint import commit_output_dir, prepare_output_dir
+    from rqat_deploy.checkpoint import staged_output_dir
+    from rqat_deploy.exporters.safetensors_io import check_out_dir
 
-    out = Path(out_dir)
-    o, c = out.resolve(), ckpt_path.resolve()
-    if o == c or c in o.parents or o in c.parents:
-        raise ExportError(f"--out {out_dir} overlaps the checkpoint directory {ckpt_path}: choose a separate directory")
-    tmp = prepare_output_dir(out, force)
-    try:
+    with staged_output_dir(check_out_dir(ckpt_path, out_dir), force) as tmp:
         yield tmp
-        commit_output_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _finish(tmp: Path, ckpt: "QuantizedCheckpoint") -> None:

@@ -9,19 +9,17 @@ vLLM both read.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rqat_deploy.checkpoint import commit_output_dir, prepare_output_dir
+from rqat_deploy.checkpoint import staged_output_dir
 from rqat_deploy.errors import ExportError
 
 if TYPE_CHECKING:
@@ -179,24 +177,8 @@ class SafetensorsDir:
             return f.get_tensor(name)
 
 
-@contextlib.contextmanager
-def staged_output(out_dir: str | os.PathLike[str], force: bool) -> Iterator[Path]:
-    """Write into a temporary sibling of ``out_dir`` and rename it into place on success.
-
-    On any exception the temporary directory is removed (an existing ``out_dir`` is left as it was)
-    and the exception propagates.
-
-    Raises:
-        OutputExistsError: ``out_dir`` exists and ``force`` is false (before anything is written).
-    """
-    out = Path(out_dir)
-    tmp = prepare_output_dir(out, force)
-    try:
-        yield tmp
-        commit_output_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+#: write into a temporary sibling directory, renamed into place on success (the core's helper)
+staged_output = staged_output_dir
 
 
 def check_out_dir(ckpt_path: Path, out_dir: str | os.PathLike[str]) -> Path:

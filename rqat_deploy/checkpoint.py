@@ -7,6 +7,7 @@ A directory with ``config.json``, tokenizer files, ``rqat_quant.json`` and ``mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -288,6 +289,25 @@ def commit_output_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+@contextlib.contextmanager
+def staged_output_dir(out: str | os.PathLike[str], force: bool) -> Iterator[Path]:
+    """Write into a temporary sibling of ``out``, renamed into place on success, removed on failure.
+
+    An existing ``out`` (with ``force``) is replaced only once the new directory is complete.
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``force`` is false (before anything is written).
+    """
+    out = Path(out)
+    tmp = prepare_output_dir(out, force)
+    try:
+        yield tmp
+        commit_output_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def checkpoint_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors of a model with QuantLinear modules in the checkpoint layout.
 
@@ -368,8 +388,7 @@ def save_checkpoint(
     if len({(s.bits, s.grid, s.group_size) for s in specs}) > 1:
         raise CheckpointError(f"all quantized modules must share one spec, found {specs}")
     spec = specs.pop()
-    tmp = prepare_output_dir(out, force)
-    try:
+    with staged_output_dir(out, force) as tmp:
         state, modules = checkpoint_state(model)
         _write_tensors(state, tmp, max_shard_size)
         model.config.save_pretrained(tmp)
@@ -387,10 +406,6 @@ def save_checkpoint(
             recipe=recipe or {},
         )
         (tmp / QUANT_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
-        commit_output_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
