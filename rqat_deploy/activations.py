@@ -291,11 +291,13 @@ class LayerInputs:
 
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def to(self, device: torch.device | str) -> "LayerInputs":
-        """A copy with every tensor (also inside tuples) on ``device``."""
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "LayerInputs":
+        """A copy with every tensor (also inside tuples) on ``device``; floating ones cast to ``dtype``."""
 
         def mv(v: Any) -> Any:
             if isinstance(v, torch.Tensor):
+                if dtype is not None and v.is_floating_point():
+                    return v.to(device=device, dtype=dtype)
                 return v.to(device)
             if isinstance(v, tuple):
                 return tuple(mv(t) for t in v)

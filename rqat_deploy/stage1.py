@@ -511,6 +511,7 @@ def _train_block(
     """Train the (fp32, on ``device``) quantized ``block``; return its report (losses, norms)."""
     quant_lr, weight_lr = cfg.quant_lr, cfg.resolved_weight_lr(spec.bits)
     groups, params = _param_groups(block, cfg, quant_lr, weight_lr)
+    inputs = inputs.to(device, torch.float32)  # the block trains in fp32: rotary tables / mask too
     val_rtn = _val_loss(block, q_store, fp_store, val_idx, inputs, device, cfg)
     rep = BlockReport(index=k, name=name, modules=[], val_loss_rtn=val_rtn, val_loss=val_rtn)
     n_train = len(train_idx)
