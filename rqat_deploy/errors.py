@@ -41,3 +41,8 @@ class ExportError(RqatError):
 
 class DataError(RqatError, ValueError):
     """A dataset or data source that is missing, malformed, or lacks a required field."""
+
+
+class NonFiniteError(RqatError, ArithmeticError):
+    """A NaN or inf in a training loss, gradient or quantization parameter; the message names where
+    (stage, block or module, step) and which saved state is the last good one."""

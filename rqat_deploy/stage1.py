@@ -57,7 +57,7 @@ from rqat_deploy.activations import (
     store_nbytes,
     write_json_atomic,
 )
-from rqat_deploy.errors import CheckpointError, ConfigError, RqatError, ShapeError
+from rqat_deploy.errors import CheckpointError, ConfigError, NonFiniteError, ShapeError
 from rqat_deploy.qlinear import QuantLinear
 from rqat_deploy.quantizer import checkpoint_layout, quantizer_class
 from rqat_deploy.spec import QuantSpec
@@ -66,10 +66,6 @@ from rqat_deploy.surgery import _set_submodule, select_linears
 STATE_VERSION = 1
 STAGE_DIR = "stage1"
 AUTOCAST = ("auto", "none", "bfloat16", "float16")
-
-
-class NonFiniteError(RqatError):
-    """A NaN or inf in a loss, a gradient norm or a trained parameter (names the block and step)."""
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ from tqdm.auto import tqdm
 
 from rqat_deploy import distributed as dist_utils
 from rqat_deploy.data import SFTSet
-from rqat_deploy.errors import ConfigError, RqatError
+from rqat_deploy.errors import ConfigError, NonFiniteError, RqatError
 from rqat_deploy.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics
 from rqat_deploy.surgery import freeze_codes, quant_linears
 from rqat_deploy.teacher import Teacher, decoder_and_head
@@ -84,10 +84,6 @@ SCHEDULES = ("cosine", "linear", "constant")
 #: config fields that may change between an interrupted run and its resumption
 _RESUME_FREE = ("save_every", "log_every", "tensorboard", "log_path")
 _SMALL_MODEL_PARAMS = 3e9  # "1.7B" vs "larger models" in the paper's learning rates
-
-
-class NonFiniteError(RqatError, ArithmeticError):
-    """A NaN or infinity in a loss, gradient or quantization scale; the message names where."""
 
 
 @dataclass(frozen=True)
