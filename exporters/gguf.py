@@ -227,10 +227,11 @@ def export_gguf(
     verify: bool = True,
     force: bool = False,
 ) -> ExportReport:
-    """Write a quantized checkpoint as one GGUF file.
+    """Write a quantized checkpoint (or a full-precision model, for comparison) as one GGUF file.
 
     Args:
-        ckpt_dir: the quantized checkpoint directory (DESIGN.md 3).
+        ckpt_dir: the quantized checkpoint directory (DESIGN.md 3), or a Hugging Face model
+            directory without ``rqat_quant.json``, written with every matrix in ``embed_type``.
         out_path: the ``.gguf`` file to write.
         gguf_type: GGUF type of the quantized modules (see :func:`resolve_gguf_type`); None = the
             default for the checkpoint's grid and bit width.
@@ -251,7 +252,7 @@ def export_gguf(
     """
     import gguf
 
-    from rqat_deploy.checkpoint import read_checkpoint
+    from rqat_deploy.checkpoint import QUANT_FILE, read_checkpoint, read_float_model
 
     t0 = time.perf_counter()
     out = Path(out_path)
@@ -262,9 +263,13 @@ def export_gguf(
     embed_type = embed_type.upper()
     if embed_type not in EMBED_TYPES:
         raise ConfigError(f"embed_type {embed_type!r} is not supported; choose one of {', '.join(EMBED_TYPES)}")
-    ckpt = read_checkpoint(ckpt_dir)
+    if (Path(ckpt_dir) / QUANT_FILE).exists():
+        ckpt = read_checkpoint(ckpt_dir)
+        qtype = resolve_gguf_type(ckpt.meta.bits, ckpt.meta.grid, gguf_type)
+    else:  # a full-precision model (the teacher): every matrix in embed_type
+        ckpt = read_float_model(ckpt_dir)
+        qtype = embed_type
     meta = ckpt.meta
-    qtype = resolve_gguf_type(meta.bits, meta.grid, gguf_type)
     arch = _arch_of(ckpt.config)
     vocab = _read_vocab(ckpt.path, ckpt.config, tokenizer_pre)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -572,7 +577,10 @@ def _write_metadata(writer: Any, ckpt: Any, arch: str, qtype: str, report: Expor
     writer.add_quantized_by(f"rqat-deploy {__version__}")
     writer.add_base_model_count(1)
     writer.add_base_model_name(0, name)
-    writer.add_description(f"{meta.bits}-bit {meta.grid}-grid quantization-aware-trained model exported by rqat-deploy")
+    writer.add_description(
+        f"full-precision {name} exported by rqat-deploy" if not meta.modules
+        else f"{meta.bits}-bit {meta.grid}-grid quantization-aware-trained model exported by rqat-deploy"
+    )
     writer.add_file_type(_FILE_TYPE.get(qtype, 1))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # hyperparameters

@@ -123,7 +123,7 @@ class QuantizedCheckpoint:
     def __init__(self, path: Path, meta: QuantMeta, config: dict[str, Any], where: dict[str, Path]) -> None:
         self.path, self.meta, self.config = path, meta, config
         self._where = where  # tensor name -> safetensors file
-        self.spec = meta.spec
+        self.spec: QuantSpec | None = None if meta.grid == "float" else meta.spec  # None: read_float_model
 
     def tensor_names(self) -> list[str]:
         """Every tensor name stored in the checkpoint."""
@@ -255,6 +255,29 @@ def read_checkpoint(path: str | os.PathLike[str]) -> QuantizedCheckpoint:
     ckpt = QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), _index_files(p))
     ckpt.validate()
     return ckpt
+
+
+def read_float_model(path: str | os.PathLike[str]) -> QuantizedCheckpoint:
+    """A full-precision Hugging Face model directory seen as a checkpoint with no quantized module.
+
+    Exporters use it to write the teacher in a float format (e.g. an F16 GGUF to bench against);
+    its meta says ``bits=16, grid="float"`` and every tensor is a float tensor.
+
+    Args:
+        path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
+
+    Returns:
+        A :class:`QuantizedCheckpoint` whose ``meta.modules`` is empty.
+
+    Raises:
+        CheckpointError: the directory or its weights are missing.
+    """
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{p} is not a model directory: config.json is missing")
+    meta = QuantMeta(format_version=FORMAT_VERSION, bits=16, grid="float", group_size=0, modules=[],
+                     base_model=p.resolve().name)
+    return QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), _index_files(p))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ def cli() -> None:
 
     \b
     Examples:
+      rqat-deploy quickstart                   # the whole pipeline on the built-in tiny reasoner, offline
       rqat-deploy train --model Qwen/Qwen3-1.7B --recipe rtn --bits 2 --out ckpt-int2
       rqat-deploy inspect ckpt-int2
       rqat-deploy export ckpt-int2 --format gguf --out model-int2.gguf
@@ -93,11 +94,13 @@ def cli() -> None:
 
 @cli.command()
 @config_option
-@click.option("--model", required=True, help="Hub id or local directory of the full-precision model.")
+@click.option("--model", default=None,
+              help="Hub id or local directory of the full-precision model (default: the built-in tiny reasoner, "
+                   "trained on its built-in data with smaller defaults; see README).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
 @click.option("--recipe", default="rqat", show_default=True,
-              type=click.Choice(["rqat", "rqat-released", "rtn", "gptq", "efficientqat", "reasoning-qat"]),
-              help="rqat: the paper (stage 1 + R+S scale training); see README for the others.")
+              type=click.Choice(["rqat", "rqat-released", "stage1", "rtn", "gptq", "efficientqat", "reasoning-qat"]),
+              help="rqat: the paper (stage 1 + R+S scale training); stage1: calibration only; see README for the others.")
 @click.option("--bits", default=2, show_default=True, type=click.Choice(["2", "3", "4"]), help="Weight bit width.")
 @click.option("--grid", default="uniform", show_default=True, type=click.Choice(["uniform", "kquant"]),
               help="uniform: asymmetric per-group (GPTQ / compressed-tensors exact); kquant: llama.cpp Q2_K/Q3_K (GGUF exact).")
@@ -118,6 +121,8 @@ def cli() -> None:
 @click.option("--global-batch", default=64, show_default=True, type=int, help="Stage-2 samples per optimizer step.")
 @click.option("--micro-batch", default=1, show_default=True, type=int, help="Stage-2 samples per forward (accumulation).")
 @click.option("--max-steps", default=None, type=int, help="Cap on stage-2 optimizer steps.")
+@click.option("--init-from", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Start stage 2 from this quantized checkpoint (e.g. a --recipe stage1 result) instead of initialising.")
 @click.option("--no-teacher-cache", is_flag=True, help="Keep the teacher live in stage 2 instead of caching its top-k.")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False), help="Resumable state (default: OUT.work).")
 @click.option("--keep-work", is_flag=True, help="Keep the work directory after success.")
@@ -130,11 +135,13 @@ def cli() -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its work directory.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
-def train(**kw: Any) -> None:
+@click.pass_context
+def train(ctx: click.Context, **kw: Any) -> None:
     """Quantize a model and write a quantized checkpoint.
 
     \b
     Examples:
+      rqat-deploy train --out tiny-int2 --grid kquant   # built-in tiny reasoner and data, offline, ~3 min on CPU
       rqat-deploy train --model Qwen/Qwen3-1.7B --bits 2 --out qwen3-int2            # the paper's recipe
       rqat-deploy train --model ./my-model --recipe rtn --bits 2 --grid kquant --out ckpt
       rqat-deploy train --model ./my-model --recipe gptq --bits 3 --calib data.jsonl --out ckpt3
@@ -143,8 +150,12 @@ def train(**kw: Any) -> None:
       rqat-deploy train --config run.toml --resume      # continue after Ctrl-C
     """
     from rqat_deploy.spec import QuantSpec
-    from rqat_deploy.train import TrainConfig, run_train
+    from rqat_deploy.train import BUILTIN_PRESET, TrainConfig, run_train
 
+    if kw["model"] is None:  # the built-in model: its own defaults where neither flag nor --config set one
+        for name, value in BUILTIN_PRESET.items():
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+                kw[name] = value
     spec = QuantSpec(bits=int(kw.pop("bits")), grid=kw.pop("grid"), group_size=kw.pop("group_size"),
                      exclude=tuple(kw.pop("exclude")))
     kw["teacher_cache"] = not kw.pop("no_teacher_cache")
@@ -302,6 +313,44 @@ def inspect(path: str, as_json: bool) -> None:
                 click.echo("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
         else:
             click.echo(f"{key}: {value}")
+
+
+@cli.command()
+@config_option
+@click.option("--out", default="quickstart", show_default=True, type=click.Path(file_okay=False),
+              help="Output directory (checkpoints, GGUF files, bench report, table).")
+@click.option("--bits", default=2, show_default=True, type=click.Choice(["2", "3"]), help="Student bit width.")
+@click.option("--per-level", default=25, show_default=True, type=int,
+              help="Held-out problems per difficulty level (4 levels).")
+@click.option("--max-tokens", default=256, show_default=True, type=int, help="Generation limit per answer.")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--calib-samples", default=None, type=int, help="Stage-1 calibration sequences (default 256).")
+@click.option("--train-samples", default=None, type=int, help="Stage-2 training samples (default 2048).")
+@click.option("--no-speed", is_flag=True, help="Skip the fixed-length decode-speed measurement.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+def quickstart(out: str, bits: str, per_level: int, max_tokens: int, threads: int | None, calib_samples: int | None,
+               train_samples: int | None, no_speed: bool, seed: int, force: bool) -> None:
+    """Run the whole pipeline offline on the built-in tiny reasoner (~10 min on 2 CPU cores).
+
+    Trains an RTN and an rqat (the paper's recipe) int2 student of the built-in teacher, exports
+    all three models to GGUF, runs them in llama.cpp on held-out problems and prints a table of
+    accuracy, thinking tokens, decode speed and file size.
+
+    \b
+    Examples:
+      rqat-deploy quickstart
+      rqat-deploy quickstart --bits 3 --out qs3 --threads 2
+      rqat-deploy quickstart --per-level 5 --calib-samples 32 --train-samples 128 --out smoke   # ~2 min
+    """
+    from rqat_deploy.quickstart import QuickstartConfig, format_table, run_quickstart
+
+    cfg = QuickstartConfig(out=out, bits=int(bits), per_level=per_level, max_tokens=max_tokens, threads=threads,
+                           calib_samples=calib_samples, train_samples=train_samples, speed=not no_speed, seed=seed,
+                           force=force)
+    result = run_quickstart(cfg)
+    click.echo("")
+    click.echo(format_table(result))
 
 
 def main() -> None:

@@ -60,6 +60,7 @@ RECIPE_TABLE: dict[str, Recipe] = {
         "rqat-released", "stage1", "C+J",
         stage2={"schedule": "linear", "extra_trainable": ("*norm*", "lm_head.weight")}, train_seq_len=1024,
     ),
+    "stage1": Recipe("stage1", "stage1"),
     "rtn": Recipe("rtn", "rtn"),
     "gptq": Recipe("gptq", "gptq"),
     "efficientqat": Recipe("efficientqat", "stage1", "C"),
@@ -67,33 +68,53 @@ RECIPE_TABLE: dict[str, Recipe] = {
 }
 RECIPES = tuple(RECIPE_TABLE)
 
+#: Defaults for the built-in tiny reasoner (``--model`` not given): its sequences are ~100 tokens and
+#: it has 3.7 M parameters, so the paper's 4,096 x 2,048 calibration tokens and its learning rates
+#: (set for 1.5-32 B models) do not fit. Chosen on stage-2 validation loss, not on accuracy (README).
+BUILTIN_PRESET: dict[str, Any] = {
+    "calib_samples": 256,
+    "calib_seq_len": 512,
+    "train_samples": 2048,
+    "train_seq_len": 256,
+    "global_batch": 16,
+    "stage2_epochs": 1,
+    "stage2_lr": 1e-3,
+}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything ``rqat-deploy train`` needs; built by the CLI from defaults < ``--config`` < flags.
 
     Attributes:
-        model: Hub id or local directory of the full-precision model.
+        model: Hub id or local directory of the full-precision model; ``None`` = the built-in tiny
+            reasoner (:func:`rqat_deploy.synth.default_model_dir`), whose default data is the
+            built-in synthetic data (:func:`rqat_deploy.synth.default_data`).
         out: checkpoint directory to write.
         recipe: one of :data:`RECIPES`.
         quant: the quantization spec.
-        calib: calibration SPEC (stage 1 / GPTQ); ``None`` = the paper's 80/20 mix.
+        calib: calibration SPEC (stage 1 / GPTQ); ``None`` = the paper's 80/20 mix (of the
+            built-in data for the built-in model).
         calib_samples, calib_seq_len: calibration sequences and their length (paper 4,096 x 2,048).
-        train_data: stage-2 SPEC; ``None`` = the paper's reasoning traces.
+        train_data: stage-2 SPEC; ``None`` = the paper's reasoning traces (built-in ones for the
+            built-in model).
         train_samples, train_seq_len: stage-2 samples and maximum length (paper 32,768).
         stage1_epochs: stage-1 epochs per block (paper 2).
         stage2_epochs, stage2_lr: ``None`` = the paper's per-bit-width values.
         loss, alpha, beta: stage-2 loss override and weights (paper ``R+S``, 0.2, 1.0).
         global_batch, micro_batch: stage-2 samples per optimizer step / per forward.
         max_steps: cap on stage-2 optimizer steps.
+        init_from: a quantized checkpoint (same spec) to start stage 2 from instead of running the
+            recipe's initialisation, e.g. one ``--recipe stage1`` result shared by several stage-2
+            ablations.
         teacher_cache: precompute teacher top-k log-probs on disk (frees the teacher for stage 2).
         work_dir: where resumable state lives (default ``<out>.work``).
         keep_work: keep the work directory after success.
         device, dtype, seed, force, resume, trust_remote_code, backend: as the CLI flags.
     """
 
-    model: str
     out: str
+    model: str | None = None
     recipe: str = "rqat"
     quant: QuantSpec = field(default_factory=QuantSpec)
     calib: str | None = None
@@ -111,6 +132,7 @@ class TrainConfig:
     global_batch: int = 64
     micro_batch: int = 1
     max_steps: int | None = None
+    init_from: str | None = None
     teacher_cache: bool = True
     work_dir: str | None = None
     keep_work: bool = False
@@ -130,6 +152,8 @@ class TrainConfig:
         for name in ("calib_samples", "calib_seq_len", "train_samples", "train_seq_len", "stage1_epochs", "global_batch", "micro_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.init_from is not None and self.plan.init == "rtn":
+            raise ConfigError("--init-from applies to recipes with a stage 2; use --recipe rqat (or another) with it")
 
     @property
     def plan(self) -> Recipe:
@@ -140,6 +164,29 @@ class TrainConfig:
                 raise ConfigError(f"--loss applies to recipes with a stage 2; {self.recipe!r} has none")
             r = dataclasses.replace(r, loss=self.loss)
         return r
+
+    @property
+    def model_path(self) -> str:
+        """``model``, or the built-in tiny reasoner's directory."""
+        if self.model is not None:
+            return self.model
+        from rqat_deploy.synth import default_model_dir
+
+        return str(default_model_dir())
+
+    def calib_spec(self) -> str:
+        """``calib``, else the 80/20 default (the built-in data files for the built-in model)."""
+        from rqat_deploy.data import DEFAULT_CALIB_SPEC
+        from rqat_deploy.synth import default_data
+
+        return self.calib or (default_data("calib") if self.model is None else DEFAULT_CALIB_SPEC)
+
+    def train_spec(self) -> str:
+        """``train_data``, else the default reasoning traces (built-in ones for the built-in model)."""
+        from rqat_deploy.data import DEFAULT_TRAIN_SPEC
+        from rqat_deploy.synth import default_data
+
+        return self.train_data or (default_data("train") if self.model is None else DEFAULT_TRAIN_SPEC)
 
     @property
     def work_path(self) -> Path:
@@ -220,8 +267,9 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
     out, plan = Path(cfg.out), cfg.plan  # --out was checked by run_train
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    model, tok = load_hf_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    base = cfg.model if not os.path.isdir(cfg.model) else os.path.basename(os.path.normpath(cfg.model))
+    model_path = cfg.model_path
+    model, tok = load_hf_model(model_path, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    base = model_path if not os.path.isdir(model_path) else os.path.basename(os.path.normpath(model_path))
     reports: dict[str, Any] = {}
     if plan.init == "rtn":
         prepare_model(model, cfg.quant, backend=cfg.backend, progress=progress)
@@ -246,13 +294,30 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
     return path
 
 
+def _grid_key(spec: QuantSpec) -> tuple[int, str, int]:
+    """What must match for a checkpoint's codes to be trained under ``spec`` (kquant has no group size)."""
+    return spec.bits, spec.grid, spec.group_size if spec.grid == "uniform" else 0
+
+
 def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> Any:
     """Stage 1 or GPTQ on a copy of ``teacher``; the result is saved in the work dir for resume."""
     from rqat_deploy import distributed as dist_utils
     from rqat_deploy.checkpoint import load_model, save_checkpoint
-    from rqat_deploy.data import DEFAULT_CALIB_SPEC, build_calibration
+    from rqat_deploy.checkpoint import read_checkpoint
+    from rqat_deploy.data import build_calibration
 
     init_ckpt = cfg.work_path / "init"
+    if cfg.init_from is not None:  # a finished initialisation to share between stage-2 runs
+        meta = read_checkpoint(cfg.init_from).meta
+        if _grid_key(meta.spec) != _grid_key(cfg.quant):
+            raise ConfigError(
+                f"--init-from {cfg.init_from} holds {meta.bits}-bit {meta.grid} weights (group {meta.group_size}), "
+                f"not {cfg.quant.bits}-bit {cfg.quant.grid} (group {cfg.quant.group_size}); "
+                "pass the checkpoint's --bits/--grid/--group-size"
+            )
+        reports["init_from"] = {"path": os.path.abspath(cfg.init_from), "recipe": meta.recipe.get("name")}
+        dtype = next(teacher.parameters()).dtype
+        return load_model(cfg.init_from, dtype=dtype, device=cfg.device, form="stage2", backend=cfg.backend)[0]
 
     def reload() -> Any:  # the stage-2 form from the saved checkpoint: identical whether resumed or not
         dtype = next(teacher.parameters()).dtype
@@ -266,7 +331,7 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
         reports.update(json.loads((cfg.work_path / "init_reports.json").read_text()))
         dist_utils.wait_for_main()
         return reload()
-    calib = build_calibration(tok, cfg.calib or DEFAULT_CALIB_SPEC, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
+    calib = build_calibration(tok, cfg.calib_spec(), cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
     reports["calibration"] = calib.report
     student = copy.deepcopy(teacher)
     if cfg.plan.init == "gptq":
@@ -290,14 +355,14 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
 def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> dict[str, Any]:
     """Scale-only end-to-end training of ``student`` against ``teacher``."""
     from rqat_deploy import distributed as dist_utils
-    from rqat_deploy.data import DEFAULT_TRAIN_SPEC, build_sft
+    from rqat_deploy.data import build_sft
     from rqat_deploy.stage2 import Stage2Config, run_stage2
     from rqat_deploy.surgery import freeze_codes
     from rqat_deploy.teacher import CachedTeacher, LiveTeacher
 
     plan = cfg.plan
     seq_len = min(cfg.train_seq_len, plan.train_seq_len or cfg.train_seq_len)
-    data = build_sft(tok, cfg.train_data or DEFAULT_TRAIN_SPEC, cfg.train_samples, seq_len, cfg.seed)
+    data = build_sft(tok, cfg.train_spec(), cfg.train_samples, seq_len, cfg.seed)
     reports["train_data"] = data.report
     freeze_codes(student)
     full_vocab = "F" in plan.loss.split("+") or plan.loss == "reasoning-qat"

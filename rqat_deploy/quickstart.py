@@ -1,0 +1,219 @@
+"""``rqat-deploy quickstart``: the whole pipeline on the built-in tiny reasoner, offline, on a CPU.
+
+One call does what a user of the toolkit does with a real model::
+
+    teacher (built-in, fp16) ──► RTN int2 ─────────────► GGUF ─┐
+                             └─► rqat int2 (stage 1 + 2) ► GGUF ─┼─► llama.cpp bench on held-out problems
+    teacher ────────────────────────────────────────────► GGUF ─┘      (accuracy, thinking tokens, tok/s)
+
+The quantized models use the default spec (uniform int2, group 128) and are written to GGUF as Q4_0,
+which holds uniform int2 codes exactly, so llama.cpp runs the trained weights bit for bit; the
+teacher is written as F16. The held-out problems are drawn from the split the teacher and the
+training data never saw (:mod:`rqat_deploy.synth`).
+
+Outputs under ``out``: ``rtn-int2/`` and ``rqat-int2/`` (checkpoints), ``*.gguf``,
+``heldout.jsonl``, ``bench/`` (``report.json``, ``report.md``, plots, responses) and
+``quickstart.json`` / ``quickstart.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rqat_deploy.errors import ConfigError, OutputExistsError
+
+__all__ = ["QuickstartConfig", "run_quickstart", "format_table"]
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """Settings of :func:`run_quickstart` (defaults: the README run, ~10 min on two CPU cores).
+
+    Attributes:
+        out: output directory (must not exist unless ``force``).
+        bits: weight bit width of the students (2 or 3).
+        per_level: held-out problems per difficulty level (4 levels).
+        max_tokens: generation limit per answer.
+        threads: CPU threads for training and llama.cpp (None: all cores).
+        calib_samples, calib_seq_len, train_samples, train_seq_len, stage1_epochs, stage2_lr,
+            global_batch: training settings; None = the built-in model's defaults
+            (:data:`rqat_deploy.train.BUILTIN_PRESET`). Smaller values make a smoke run.
+        speed: also run the fixed-length decode-speed measurement.
+        seed: training seed.
+        force: replace an existing ``out``.
+    """
+
+    out: str = "quickstart"
+    bits: int = 2
+    per_level: int = 25
+    max_tokens: int = 256
+    threads: int | None = None
+    calib_samples: int | None = None
+    calib_seq_len: int | None = None
+    train_samples: int | None = None
+    train_seq_len: int | None = None
+    stage1_epochs: int | None = None
+    stage2_lr: float | None = None
+    global_batch: int | None = None
+    speed: bool = True
+    seed: int = 0
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3):
+            raise ConfigError(f"quickstart bits must be 2 or 3, got {self.bits}")
+        if self.per_level < 1 or self.max_tokens < 16:
+            raise ConfigError("per_level must be >= 1 and max_tokens >= 16")
+
+    def train_overrides(self) -> dict[str, Any]:
+        """:class:`~rqat_deploy.train.TrainConfig` fields: the built-in preset, then the fields set here."""
+        from rqat_deploy.train import BUILTIN_PRESET
+
+        mine = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        keys = set(BUILTIN_PRESET) | {"stage1_epochs"}
+        return dict(BUILTIN_PRESET) | {k: mine[k] for k in keys if mine.get(k) is not None}
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+def run_quickstart(cfg: QuickstartConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train RTN and rqat students of the built-in teacher, export all three to GGUF, bench them.
+
+    Args:
+        cfg: the settings.
+        progress: print steps and progress bars.
+
+    Returns:
+        ``{"rows": [per-model table row], "outputs": {...}, "seconds": {...}}`` (also written to
+        ``out/quickstart.json``; the table to ``out/quickstart.md``).
+
+    Raises:
+        OutputExistsError: ``cfg.out`` exists and ``cfg.force`` is false.
+        ConfigError: the built-in model is missing.
+    """
+    import shutil
+
+    import torch
+
+    from rqat_deploy import synth
+    from rqat_deploy.exporters.gguf import export_gguf
+    from rqat_deploy.serve.bench import run_bench
+    from rqat_deploy.spec import QuantSpec
+    from rqat_deploy.train import TrainConfig, run_train
+
+    out = Path(cfg.out)
+    if out.exists():
+        if not cfg.force:
+            raise OutputExistsError(f"{out} already exists: choose another --out or pass --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    teacher = synth.default_model_dir()
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    heldout = synth.write_eval_jsonl(out / "heldout.jsonl", cfg.per_level, seed=synth.DEFAULT_DATA_SEED)
+    spec = QuantSpec(bits=cfg.bits)  # the default spec: uniform, group 128
+    tag = f"int{cfg.bits}"
+    students = {}
+    for recipe in ("rtn", "rqat"):
+        _say(progress, f"[quickstart] training {recipe} {tag} on the built-in teacher ...")
+        t = time.perf_counter()
+        tcfg = TrainConfig(out=str(out / f"{recipe}-{tag}"), recipe=recipe, quant=spec, seed=cfg.seed,
+                           **cfg.train_overrides())
+        students[recipe] = run_train(tcfg, progress=progress)
+        seconds[f"train_{recipe}"] = round(time.perf_counter() - t, 1)
+
+    _say(progress, "[quickstart] exporting GGUF (teacher F16; students Q4_0, exact for uniform int2/int3) ...")
+    t = time.perf_counter()
+    ggufs = {"teacher": export_gguf(teacher, out / "teacher-f16.gguf", embed_type="F16")}
+    for recipe, ckpt in students.items():
+        ggufs[recipe] = export_gguf(ckpt, out / f"{recipe}-{tag}-q4_0.gguf", gguf_type="Q4_0")
+    seconds["export"] = round(time.perf_counter() - t, 1)
+
+    _say(progress, f"[quickstart] benchmarking in llama.cpp on {4 * cfg.per_level} held-out problems ...")
+    t = time.perf_counter()
+    paths = [ggufs[k].path for k in ("teacher", "rtn", "rqat")]
+    report = run_bench(
+        paths, str(heldout), max_tokens=cfg.max_tokens, greedy=True, out_dir=out / "bench", baseline=paths[0],
+        speed=cfg.speed, speed_prompt_tokens=128, speed_tokens=64, n_threads=cfg.threads, hashes=False,
+        progress=progress,
+    )
+    seconds["bench"] = round(time.perf_counter() - t, 1)
+    seconds["total"] = round(time.perf_counter() - t0, 1)
+
+    rows = []
+    for (name, exp), summary in zip(ggufs.items(), report["models"].values()):
+        ci = summary.get("accuracy_ci95") or [None, None]
+        rows.append({
+            "model": {"teacher": "teacher (fp16)", "rtn": f"RTN {tag}", "rqat": f"rqat {tag}"}[name],
+            "gguf": Path(exp.path).name,
+            "gguf_type": exp.gguf_type,
+            "file_mb": round(Path(exp.path).stat().st_size / 1e6, 2),
+            "exact": exp.total_rel_error == 0.0,
+            "accuracy": summary["accuracy"],
+            "accuracy_ci95": ci,
+            "thinking_tokens": summary["thinking_tokens_mean"],
+            "decode_tok_s": summary.get("decode_tokens_per_s"),
+        })
+    result = {
+        "rows": rows,
+        "n_problems": 4 * cfg.per_level,
+        "seconds": seconds,
+        "outputs": {
+            "dir": str(out), "bench_report": report["outputs"]["markdown"],
+            "checkpoints": {k: str(v) for k, v in students.items()}, "gguf": {k: v.path for k, v in ggufs.items()},
+        },
+        "config": dataclasses.asdict(cfg),
+    }
+    (out / "quickstart.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "quickstart.md").write_text(format_table(result) + "\n")
+    return result
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The quickstart table as Markdown (what the CLI prints).
+
+    Args:
+        result: the return value of :func:`run_quickstart`.
+
+    Returns:
+        The table and the locations of the reports.
+    """
+    lines = [
+        f"Held-out problems: {result['n_problems']} (greedy, llama.cpp). Accuracy 95% CI in brackets.",
+        "",
+        "| model | GGUF | file MB | accuracy | thinking tokens | decode tok/s |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lo, hi = r["accuracy_ci95"]
+        ci = f" [{lo:.0%}, {hi:.0%}]" if lo is not None and hi is not None else ""
+        kind = r["gguf_type"] + (" (exact)" if r["exact"] else "")
+        lines.append(
+            f"| {r['model']} | {kind} | {r['file_mb']:.2f} | {_num(r['accuracy'], '.1%')}{ci} | "
+            f"{_num(r['thinking_tokens'], '.1f')} | {_num(r['decode_tok_s'], '.0f')} |"
+        )
+    s, o = result["seconds"], result["outputs"]
+    lines += [
+        "",
+        f"Time: {s['total']:.0f} s (train RTN {s['train_rtn']:.0f} s, rqat {s['train_rqat']:.0f} s, "
+        f"export {s['export']:.0f} s, bench {s['bench']:.0f} s).",
+        f"Reports: {o['bench_report']} (per-response answers in {Path(o['bench_report']).parent / 'responses'}); "
+        f"checkpoints and GGUF files in {o['dir']}{os.sep}",
+    ]
+    return "\n".join(lines)
