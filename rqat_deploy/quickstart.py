@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rqat_deploy.errors import ConfigError, OutputExistsError
+from rqat_deploy.errors import BackendError, ConfigError, OutputExistsError
 
 __all__ = ["QuickstartConfig", "run_quickstart", "format_table"]
 
@@ -99,7 +99,9 @@ def run_quickstart(cfg: QuickstartConfig, *, progress: bool = True) -> dict[str,
     Raises:
         OutputExistsError: ``cfg.out`` exists and ``cfg.force`` is false.
         ConfigError: the built-in model is missing.
+        BackendError: llama-cpp-python is not installed.
     """
+    import importlib.util
     import shutil
 
     import torch
@@ -110,6 +112,8 @@ def run_quickstart(cfg: QuickstartConfig, *, progress: bool = True) -> dict[str,
     from rqat_deploy.spec import QuantSpec
     from rqat_deploy.train import TrainConfig, run_train
 
+    if importlib.util.find_spec("llama_cpp") is None:  # fail before minutes of training, not after
+        raise BackendError('quickstart runs the models in llama.cpp: pip install -e ".[llamacpp]" (see README)')
     out = Path(cfg.out)
     if out.exists():
         if not cfg.force:

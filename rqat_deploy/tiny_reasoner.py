@@ -16,7 +16,7 @@
    :mod:`rqat_deploy.serve.grading`) on held-out problems; seed, steps, times and accuracy per
    level go to ``TRAINING.json`` / ``TRAINING.md`` beside the weights.
 
-Training runs on ``--threads`` CPU threads (default 2) and is deterministic for a given seed,
+Training runs on ``--threads`` CPU threads (default 1) and is deterministic for a given seed,
 machine and torch build.
 """
 

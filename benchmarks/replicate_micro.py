@@ -1,0 +1,205 @@
+"""Micro-scale replication of the paper's claims on the built-in tiny reasoner (CPU, offline).
+
+Usage::
+
+    python benchmarks/replicate_micro.py --out runs/micro                 # everything, 3 seeds
+    python benchmarks/replicate_micro.py --out runs/micro --bits 2        # one bit width (run 2 and 3 in parallel)
+    python benchmarks/replicate_micro.py --out runs/micro --table-only     # print the table of finished runs
+
+For each bit width (uniform grid, group 128, the default spec) and seed it trains, from the
+built-in teacher and its built-in data (train-split problems only):
+
+- ``RTN``: round to nearest (no data; one run, seed-independent);
+- ``GPTQ``: on the 80/20 calibration mix;
+- ``C``: stage 1 only (block-wise calibration on the 80/20 mix);
+- ``C+S (CE)``: stage 1, then stage-2 scale training with plain cross-entropy on the traces;
+- ``C+R (paper)``: stage 1, then stage 2 with the paper's loss (teacher-rectified reward + top-20 KL);
+- at 2 bits only, stage 1 on the other calibration mixes: ``C, reasoning only`` (100 % traces) and
+  ``C, pre-training only`` (100 % general text).
+
+Both stage-2 runs of a seed start from that seed's stage-1 checkpoint (``--init-from``), so they
+differ only in the loss. Every model is graded greedily on the same ``--per-level`` x 4 held-out
+problems (never seen in training) with PyTorch on the dequantized weights. The table reports, per
+method, the mean accuracy over seeds with a 95 % t-interval over seeds (Wilson over problems for
+RTN and the teacher), the mean thinking length, and the mean paired difference to ``C`` over seeds.
+
+Each run appends one JSON line to ``OUT/results.jsonl``; rerunning skips finished runs, so an
+interrupted replication resumes. The settings are :data:`rqat_deploy.train.BUILTIN_PRESET` (the
+defaults of ``rqat-deploy train`` without ``--model``); nothing here was tuned on held-out accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+METHODS = ("RTN", "GPTQ", "C", "C+S (CE)", "C+R (paper)")
+MIX_METHODS = ("C, reasoning only", "C, pre-training only")
+
+
+def _evaluate(model_dir: Path | None, per_level: int) -> dict[str, Any]:
+    """Greedy held-out accuracy of a checkpoint (None: the teacher)."""
+    from rqat_deploy import synth
+    from rqat_deploy.checkpoint import load_model
+    from rqat_deploy.tiny_reasoner import evaluate
+
+    if model_dir is None:
+        ev = evaluate(synth.default_model_dir(), per_level=per_level)
+    else:
+        model, tok = load_model(model_dir, form="dequantized")
+        ev = evaluate(model_dir, model=model, tokenizer=tok, per_level=per_level)
+    return {
+        "accuracy": ev["accuracy"], "n": ev["n"], "n_correct": sum(r["correct"] for r in ev["results"]),
+        "thinking_tokens": ev["thinking_tokens_mean"], "truncated": ev["truncated_fraction"],
+        "by_level": {k: v["accuracy"] for k, v in ev["by_level"].items()},
+        "correct": [bool(r["correct"]) for r in ev["results"]],
+    }
+
+
+def _train(out: Path, **kw: Any) -> dict[str, Any]:
+    """One ``rqat-deploy train`` run on the built-in model; returns its stage reports."""
+    from rqat_deploy.spec import QuantSpec
+    from rqat_deploy.train import BUILTIN_PRESET, TrainConfig, run_train
+
+    bits = kw.pop("bits")
+    cfg = TrainConfig(out=str(out), quant=QuantSpec(bits=bits), force=True, **(BUILTIN_PRESET | kw))
+    run_train(cfg, progress=False)
+    return json.loads((out / "rqat_quant.json").read_text())["recipe"]["reports"]
+
+
+def _done(results: Path) -> set[tuple[str, int, int]]:
+    if not results.exists():
+        return set()
+    return {(r["method"], r["bits"], r["seed"]) for r in map(json.loads, results.read_text().splitlines())}
+
+
+def _record(results: Path, row: dict[str, Any]) -> None:
+    with results.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(f"  {row['method']:<22} {row['bits']}-bit seed {row['seed']}: {row['accuracy']:.1%} "
+          f"({row['seconds']:.0f} s)", flush=True)
+
+
+def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int) -> None:
+    """Train and grade every missing run (see the module docstring)."""
+    from rqat_deploy import synth
+
+    results = out / "results.jsonl"
+    work = out / "work"
+    done = _done(results)
+    reasoning, text = synth.default_data("train"), synth.default_data("calib").split(",")[1].rsplit(":", 1)[0]
+    mixes = {"C, reasoning only": reasoning, "C, pre-training only": text}
+
+    def step(method: str, bits: int, seed: int, fn: Any) -> None:
+        if (method, bits, seed) in done:
+            return
+        t = time.perf_counter()
+        path, reports = fn()
+        row = {"method": method, "bits": bits, "seed": seed, **_evaluate(path, per_level)}
+        row["seconds"] = round(time.perf_counter() - t, 1)
+        row["stage2"] = {k: reports.get("stage2", {}).get(k) for k in ("eval_before", "eval_after", "lr", "steps")} if reports else None
+        _record(results, row)
+        done.add((method, bits, seed))
+
+    step("teacher", 16, 0, lambda: (None, None))
+    for seed in seeds:
+        for bits in bits_list:
+            d = work / f"b{bits}-s{seed}"
+            if seed == seeds[0]:
+                step("RTN", bits, 0, lambda: (d / "rtn", _train(d / "rtn", recipe="rtn", bits=bits)))
+            step("GPTQ", bits, seed, lambda: (d / "gptq", _train(d / "gptq", recipe="gptq", bits=bits, seed=seed)))
+            s1 = d / "stage1"
+            need_s1 = any((m, bits, seed) not in done for m in ("C", "C+S (CE)", "C+R (paper)"))
+            if need_s1 and not (s1 / "rqat_quant.json").exists():
+                _train(s1, recipe="stage1", bits=bits, seed=seed)
+            step("C", bits, seed, lambda: (s1, None))
+            step("C+S (CE)", bits, seed, lambda: (
+                d / "c_s", _train(d / "c_s", recipe="rqat", loss="C", init_from=str(s1), bits=bits, seed=seed)))
+            step("C+R (paper)", bits, seed, lambda: (
+                d / "c_r", _train(d / "c_r", recipe="rqat", init_from=str(s1), bits=bits, seed=seed)))
+            if bits == 2:
+                for name, spec in mixes.items():
+                    step(name, bits, seed, lambda spec=spec, name=name: (
+                        d / name[3:7], _train(d / name[3:7], recipe="stage1", calib=spec, bits=bits, seed=seed)))
+            shutil.rmtree(d / "gptq", ignore_errors=True)  # keep disk use small; stage 1 stays for reruns
+
+
+def _t975(k: int) -> float:
+    return {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}.get(k, 1.96)
+
+
+def _interval(accs: list[float], n_correct: int, n: int) -> tuple[float, float]:
+    if len(accs) >= 2:
+        m, half = statistics.mean(accs), _t975(len(accs)) * statistics.stdev(accs) / math.sqrt(len(accs))
+        return max(0.0, m - half), min(1.0, m + half)
+    z, p = 1.959964, n_correct / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def table(out: Path) -> str:
+    """Markdown table of the finished runs in ``OUT/results.jsonl``."""
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r["method"], r["bits"]), []).append(r)
+    n = rows[0]["n"]
+    lines = [
+        f"Greedy accuracy on {n} held-out problems; mean over seeds [95% CI: t over seeds, Wilson over problems for "
+        "single runs]; Δ vs C: mean paired difference to stage 1 alone (same seed).",
+        "",
+        "| bits | method | seeds | accuracy | 95% CI | Δ vs C (pp) | thinking tokens |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
+    teacher = by.get(("teacher", 16))
+    if teacher:
+        t = teacher[0]
+        lo, hi = _interval([t["accuracy"]], t["n_correct"], t["n"])
+        lines.append(f"| 16 | teacher (fp16) | 1 | {t['accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] | | {t['thinking_tokens']:.1f} |")
+    for bits in sorted({b for _, b in by if b != 16}):
+        c_by_seed = {r["seed"]: r["accuracy"] for r in by.get(("C", bits), [])}
+        for method in METHODS + MIX_METHODS:
+            rs = sorted(by.get((method, bits), []), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            accs = [r["accuracy"] for r in rs]
+            lo, hi = _interval(accs, sum(r["n_correct"] for r in rs), sum(r["n"] for r in rs))
+            diffs = [r["accuracy"] - c_by_seed[r["seed"]] for r in rs if r["seed"] in c_by_seed and method != "C"]
+            delta = f"{100 * statistics.mean(diffs):+.1f}" if diffs and method != "RTN" else ""
+            think = statistics.mean(r["thinking_tokens"] for r in rs)
+            lines.append(f"| {bits} | {method} | {len(rs)} | {statistics.mean(accs):.1%} | [{lo:.1%}, {hi:.1%}] | "
+                         f"{delta} | {think:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/micro"))
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3], choices=[2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--per-level", type=int, default=50, help="held-out problems per level (4 levels)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        run(args.out, args.bits, args.seeds, args.per_level)
+        print(f"finished in {time.perf_counter() - t0:.0f} s")
+    print(table(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
