@@ -106,10 +106,12 @@ def cli() -> None:
               help="uniform: asymmetric per-group (GPTQ / compressed-tensors exact); kquant: llama.cpp Q2_K/Q3_K (GGUF exact).")
 @click.option("--group-size", default=128, show_default=True, type=int, help="Uniform-grid group size.")
 @click.option("--exclude", multiple=True, help="Module-name pattern to keep in floating point (repeatable).")
-@click.option("--calib", default=None, help="Calibration SPEC 'source[:weight],...' (default: OpenThoughts3:0.8,FineWeb-Edu:0.2).")
+@click.option("--calib", default=None, help="Calibration SPEC 'source[:weight],...' or 'builtin' (default: OpenThoughts3:0.8,FineWeb-Edu:0.2; "
+                   "the built-in 80/20 mix without --model).")
 @click.option("--calib-samples", default=4096, show_default=True, type=int)
 @click.option("--calib-seq-len", default=2048, show_default=True, type=int)
-@click.option("--train-data", default=None, help="Stage-2 SPEC of reasoning conversations (default: OpenThoughts3).")
+@click.option("--train-data", default=None, help="Stage-2 SPEC of reasoning conversations or 'builtin' (default: OpenThoughts3; the built-in "
+                   "traces without --model).")
 @click.option("--train-samples", default=32768, show_default=True, type=int)
 @click.option("--train-seq-len", default=4096, show_default=True, type=int)
 @click.option("--stage1-epochs", default=2, show_default=True, type=int)
@@ -227,7 +229,9 @@ def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type:
 @cli.command()
 @config_option
 @click.option("--model", "models", multiple=True, help="GGUF file, HF model dir / Hub id, quantized checkpoint or export dir (repeatable).")
-@click.option("--dataset", default=None, help="SPEC: Hub id or local JSONL/Parquet, e.g. ../shared/data/gsm8k_test.jsonl.")
+@click.option("--dataset", default=None,
+              help="SPEC: Hub id or local JSONL/Parquet, e.g. ../shared/data/gsm8k_test.jsonl; 'builtin': the built-in "
+                   "held-out problems.")
 @click.option("--responses", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Grade-only: score this JSONL of responses (fields: response, index) without running a model.")
 @click.option("--limit", default=None, type=int, help="Use the first N problems.")
@@ -260,6 +264,7 @@ def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, l
     \b
     Examples:
       rqat-deploy bench --model model-q2k.gguf --dataset ../shared/data/gsm8k_test.jsonl --limit 20
+      rqat-deploy bench --model tiny-int2.gguf --dataset builtin --greedy --max-tokens 256
       rqat-deploy bench --model teacher/ --model ckpt-int2 --compare --dataset math500 --seeds 3
       rqat-deploy bench --responses answers.jsonl --dataset ../shared/data/math500_test.jsonl --out graded
     """
@@ -270,8 +275,10 @@ def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, l
         raise ConfigError("give at least one --model, or --responses FILE to grade existing answers")
     if compare and len(models) < 2:
         raise ConfigError("--compare needs two or more --model")
+    from rqat_deploy.synth import resolve_spec
+
     report = run_bench(
-        list(models), dataset, responses=responses, limit=limit, max_tokens=max_tokens, runtime=runtime,
+        list(models), resolve_spec(dataset, "eval"), responses=responses, limit=limit, max_tokens=max_tokens, runtime=runtime,
         seeds=seeds, out_dir=out, baseline=baseline, greedy=greedy, temperature=temperature, top_k=top_k,
         top_p=top_p, enable_thinking=not no_thinking, question_field=question_field, answer_field=answer_field,
         grader=grader, speed=not no_speed, concurrency=concurrency, n_threads=threads, device=device,

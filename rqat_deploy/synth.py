@@ -61,6 +61,7 @@ __all__ = [
     "generate_problems",
     "make_problem",
     "problem_messages",
+    "resolve_spec",
     "split_of",
     "write_eval_jsonl",
     "write_reasoning_jsonl",
@@ -741,6 +742,25 @@ def default_data(kind: DataKind, out_dir: str | Path | None = None) -> str:
     if kind == "calib":
         return f"{reasoning}:0.8,{text}:0.2"
     return str(reasoning if kind == "train" else heldout)
+
+
+#: The SPEC word that names the built-in data (``--calib builtin``, ``--dataset builtin``...).
+BUILTIN = "builtin"
+
+
+def resolve_spec(spec: str | None, kind: DataKind, default: str | None = None) -> str | None:
+    """``spec`` with the word ``builtin`` replaced by :func:`default_data` of ``kind``.
+
+    Args:
+        spec: a data SPEC, ``"builtin"``, or None.
+        kind: which built-in data ``builtin`` means here.
+        default: returned when ``spec`` is None (may itself be ``"builtin"``).
+
+    Returns:
+        The SPEC to load (None when both ``spec`` and ``default`` are None).
+    """
+    spec = spec if spec is not None else default
+    return default_data(kind) if spec is not None and spec.strip().lower() == BUILTIN else spec
 
 
 def problem_record(problem: Problem) -> dict[str, Any]:

@@ -175,18 +175,18 @@ class TrainConfig:
         return str(default_model_dir())
 
     def calib_spec(self) -> str:
-        """``calib``, else the 80/20 default (the built-in data files for the built-in model)."""
+        """``calib`` (``builtin``: the built-in files), else the 80/20 default (built-in for the built-in model)."""
         from rqat_deploy.data import DEFAULT_CALIB_SPEC
-        from rqat_deploy.synth import default_data
+        from rqat_deploy.synth import BUILTIN, resolve_spec
 
-        return self.calib or (default_data("calib") if self.model is None else DEFAULT_CALIB_SPEC)
+        return resolve_spec(self.calib, "calib", BUILTIN if self.model is None else DEFAULT_CALIB_SPEC)
 
     def train_spec(self) -> str:
-        """``train_data``, else the default reasoning traces (built-in ones for the built-in model)."""
+        """``train_data`` (``builtin``: the built-in traces), else the default traces (built-in for the built-in model)."""
         from rqat_deploy.data import DEFAULT_TRAIN_SPEC
-        from rqat_deploy.synth import default_data
+        from rqat_deploy.synth import BUILTIN, resolve_spec
 
-        return self.train_data or (default_data("train") if self.model is None else DEFAULT_TRAIN_SPEC)
+        return resolve_spec(self.train_data, "train", BUILTIN if self.model is None else DEFAULT_TRAIN_SPEC)
 
     @property
     def work_path(self) -> Path:

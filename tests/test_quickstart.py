@@ -99,3 +99,15 @@ def test_quickstart_smoke_runs_the_whole_pipeline(cache: Path, tmp_path: Path) -
     assert table.startswith(format_table(result).splitlines()[0]) and "| rqat int2 | Q4_0 (exact) |" in table
     with pytest.raises(Exception, match="already exists"):
         run_quickstart(cfg, progress=False)
+
+
+def test_builtin_spec_word_names_the_builtin_data(cache: Path) -> None:
+    from rqat_deploy.synth import resolve_spec
+
+    root = cache / f"data-v{synth.DATA_VERSION}"
+    assert resolve_spec("builtin", "eval") == str(root / "eval_heldout.jsonl")
+    rows = (root / "eval_heldout.jsonl").read_text().splitlines()
+    assert len(rows) == 4 * synth.DEFAULT_DATA_SIZES["eval_per_level"]
+    assert all(synth.split_of(json.loads(r)["key"]) == "heldout" for r in rows)
+    assert resolve_spec(None, "train", "builtin") == str(root / "reasoning_train.jsonl")
+    assert resolve_spec("x.jsonl", "calib", "builtin") == "x.jsonl" and resolve_spec(None, "calib") is None
