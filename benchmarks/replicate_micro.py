@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -131,18 +130,12 @@ def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int) -> No
             shutil.rmtree(d / "gptq", ignore_errors=True)  # keep disk use small; stage 1 stays for reruns
 
 
-def _t975(k: int) -> float:
-    return {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}.get(k, 1.96)
-
-
 def _interval(accs: list[float], n_correct: int, n: int) -> tuple[float, float]:
-    if len(accs) >= 2:
-        m, half = statistics.mean(accs), _t975(len(accs)) * statistics.stdev(accs) / math.sqrt(len(accs))
-        return max(0.0, m - half), min(1.0, m + half)
-    z, p = 1.959964, n_correct / n
-    c = (p + z * z / (2 * n)) / (1 + z * z / n)
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, c - h), min(1.0, c + h)
+    """95 % interval: t over seeds (2+ runs), Wilson over problems (1 run); as ``rqat-deploy bench``."""
+    from rqat_deploy.serve.report import accuracy_interval
+
+    ci = accuracy_interval(accs, n_correct, n)
+    return ci["low"], ci["high"]
 
 
 def table(out: Path) -> str:
@@ -177,7 +170,25 @@ def table(out: Path) -> str:
             think = statistics.mean(r["thinking_tokens"] for r in rs)
             lines.append(f"| {bits} | {method} | {len(rs)} | {statistics.mean(accs):.1%} | [{lo:.1%}, {hi:.1%}] | "
                          f"{delta} | {think:.1f} |")
+    lines += ["", "Paired differences (same seed, same problems; mean [95% t-interval over seeds], pp):", ""]
+    for a, b, bits in (("C+R (paper)", "C+S (CE)", 2), ("C+R (paper)", "C+S (CE)", 3), ("C+R (paper)", "GPTQ", 2),
+                       ("C", "C, reasoning only", 2), ("C", "C, pre-training only", 2)):
+        d = _paired(by.get((a, bits), []), by.get((b, bits), []))
+        if d:
+            lines.append(f"- {bits}-bit {a} - {b}: {d}")
     return "\n".join(lines)
+
+
+def _paired(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> str:
+    """Mean paired accuracy difference over common seeds with a t-interval (empty if < 2 seeds)."""
+    b_by_seed = {r["seed"]: r["accuracy"] for r in rows_b}
+    diffs = [100 * (r["accuracy"] - b_by_seed[r["seed"]]) for r in rows_a if r["seed"] in b_by_seed]
+    if len(diffs) < 2:
+        return ""
+    from rqat_deploy.serve.report import t_interval
+
+    m, lo, hi = t_interval(diffs)
+    return f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] over {len(diffs)} seeds"
 
 
 def main(argv: list[str] | None = None) -> int:

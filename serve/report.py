@@ -126,6 +126,27 @@ def spread_stats(values: Sequence[float]) -> dict[str, float | int | None]:
     }
 
 
+def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95 % Student-t interval of two or more values.
+
+    Args:
+        values: the samples (e.g. per-seed accuracies or paired differences).
+
+    Returns:
+        ``(mean, low, high)``.
+
+    Raises:
+        ValueError: fewer than two values.
+    """
+    k = len(values)
+    if k < 2:
+        raise ValueError(f"a t-interval needs two or more values, got {k}")
+    mean = sum(values) / k
+    t = _T975[k - 2] if k - 1 <= len(_T975) else 1.96
+    half = t * statistics.stdev(values) / math.sqrt(k)
+    return mean, mean - half, mean + half
+
+
 def accuracy_interval(per_seed: Sequence[float], n_correct: int, n_total: int) -> dict[str, Any]:
     """95 % confidence interval of the accuracy.
 
@@ -144,12 +165,9 @@ def accuracy_interval(per_seed: Sequence[float], n_correct: int, n_total: int) -
     if n_total == 0:
         return {"low": None, "high": None, "std": None, "method": None}
     if len(per_seed) >= 2:
-        k = len(per_seed)
-        mean = sum(per_seed) / k
+        _, low, high = t_interval(per_seed)
         std = statistics.stdev(per_seed)
-        t = _T975[k - 2] if k - 1 <= len(_T975) else 1.96
-        half = t * std / math.sqrt(k)
-        return {"low": max(0.0, mean - half), "high": min(1.0, mean + half), "std": std, "method": f"t over {k} seeds"}
+        return {"low": max(0.0, low), "high": min(1.0, high), "std": std, "method": f"t over {len(per_seed)} seeds"}
     z = 1.959964
     p = n_correct / n_total
     denom = 1 + z * z / n_total
