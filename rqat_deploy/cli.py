@@ -330,7 +330,8 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--per-level", default=25, show_default=True, type=int,
               help="Held-out problems per difficulty level (4 levels).")
 @click.option("--max-tokens", default=256, show_default=True, type=int, help="Generation limit per answer.")
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--threads", default=None, type=int,
+              help="CPU threads for training and llama.cpp (default: all cores for training, 1 for llama.cpp).")
 @click.option("--calib-samples", default=None, type=int, help="Stage-1 calibration sequences (default 256).")
 @click.option("--train-samples", default=None, type=int, help="Stage-2 training samples (default 2048).")
 @click.option("--no-speed", is_flag=True, help="Skip the fixed-length decode-speed measurement.")
