@@ -152,8 +152,8 @@ class TrainConfig:
         for name in ("calib_samples", "calib_seq_len", "train_samples", "train_seq_len", "stage1_epochs", "global_batch", "micro_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.init_from is not None and self.plan.init == "rtn":
-            raise ConfigError("--init-from applies to recipes with a stage 2; use --recipe rqat (or another) with it")
+        if self.init_from is not None and self.plan.loss is None:
+            raise ConfigError(f"--init-from starts stage 2, which recipe {self.recipe!r} does not have; use --recipe rqat")
 
     @property
     def plan(self) -> Recipe:
