@@ -93,8 +93,9 @@ def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int) -> No
     results = out / "results.jsonl"
     work = out / "work"
     done = _done(results)
-    reasoning, text = synth.default_data("train"), synth.default_data("calib").split(",")[1].rsplit(":", 1)[0]
-    mixes = {"C, reasoning only": reasoning, "C, pre-training only": text}
+    synth.default_data("calib")  # writes both files of the 80/20 mix
+    mixes = {"C, reasoning only": synth.default_data("train"),
+             "C, pre-training only": str(synth.default_data_dir().expanduser().resolve() / "general_text.jsonl")}
 
     def step(method: str, bits: int, seed: int, fn: Any) -> None:
         if (method, bits, seed) in done:

@@ -339,7 +339,7 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 def quickstart(out: str, bits: str, per_level: int, max_tokens: int, threads: int | None, calib_samples: int | None,
                train_samples: int | None, no_speed: bool, seed: int, force: bool) -> None:
-    """Run the whole pipeline offline on the built-in tiny reasoner (~10 min on 2 CPU cores).
+    """Run the whole pipeline offline on the built-in tiny reasoner (~5 min on 2 CPU cores).
 
     Trains an RTN and an rqat (the paper's recipe) int2 student of the built-in teacher, exports
     all three models to GGUF, runs them in llama.cpp on held-out problems and prints a table of
@@ -349,7 +349,7 @@ def quickstart(out: str, bits: str, per_level: int, max_tokens: int, threads: in
     Examples:
       rqat-deploy quickstart
       rqat-deploy quickstart --bits 3 --out qs3 --threads 2
-      rqat-deploy quickstart --per-level 5 --calib-samples 32 --train-samples 128 --out smoke   # ~2 min
+      rqat-deploy quickstart --per-level 5 --calib-samples 32 --train-samples 128 --out smoke   # ~1 min
     """
     from rqat_deploy.quickstart import QuickstartConfig, format_table, run_quickstart
 

@@ -33,7 +33,7 @@ __all__ = ["QuickstartConfig", "run_quickstart", "format_table"]
 
 @dataclass(frozen=True)
 class QuickstartConfig:
-    """Settings of :func:`run_quickstart` (defaults: the README run, ~10 min on two CPU cores).
+    """Settings of :func:`run_quickstart` (defaults: the README run, ~5 min on two CPU cores).
 
     Attributes:
         out: output directory (must not exist unless ``force``).
@@ -111,6 +111,7 @@ def run_quickstart(cfg: QuickstartConfig, *, progress: bool = True) -> dict[str,
     from rqat_deploy import synth
     from rqat_deploy.exporters.gguf import export_gguf
     from rqat_deploy.serve.bench import run_bench
+    from rqat_deploy.serve.report import atomic_write_text
     from rqat_deploy.spec import QuantSpec
     from rqat_deploy.train import TrainConfig, run_train
 
@@ -166,7 +167,7 @@ def run_quickstart(cfg: QuickstartConfig, *, progress: bool = True) -> dict[str,
             "gguf": Path(exp.path).name,
             "gguf_type": exp.gguf_type,
             "file_mb": round(Path(exp.path).stat().st_size / 1e6, 2),
-            "exact": exp.total_rel_error == 0.0,
+            "exact": all(t.exact for t in exp.tensors),
             "accuracy": summary["accuracy"],
             "accuracy_ci95": ci,
             "thinking_tokens": summary["thinking_tokens_mean"],
@@ -182,8 +183,8 @@ def run_quickstart(cfg: QuickstartConfig, *, progress: bool = True) -> dict[str,
         },
         "config": dataclasses.asdict(cfg),
     }
-    (out / "quickstart.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / "quickstart.md").write_text(format_table(result) + "\n")
+    atomic_write_text(out / "quickstart.json", json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write_text(out / "quickstart.md", format_table(result) + "\n")
     return result
 
 
