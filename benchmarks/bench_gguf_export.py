@@ -87,7 +87,7 @@ def make_checkpoint(
     """
     from safetensors.numpy import save_file
 
-    from rqat_deploy.tiny import build_tokenizer
+    from rqat_deploy.builtin.tiny import build_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out_dir)  # tokenizer.json + tokenizer_config.json (1024 tokens)

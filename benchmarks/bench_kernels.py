@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rqat_deploy import reference as ref
+from rqat_deploy.quant import reference as ref
 
 GRIDS = {
     # name: (gs, qmax, z, o) -- z/o kinds as in the reference table

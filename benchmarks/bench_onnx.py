@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import onnxruntime
 
     from rqat_deploy.exporters.onnx import OnnxCausalLM, export_onnx, export_onnx_dense, onnx_available
-    from rqat_deploy.tiny import build_tiny_model
-    from rqat_deploy.train import quantize_rtn
+    from rqat_deploy.builtin.tiny import build_tiny_model
+    from rqat_deploy.train.run import quantize_rtn
 
     ok, why = onnx_available()
     if not ok:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from rqat_deploy.spec import QuantSpec
-from rqat_deploy.stage1 import Stage1Config, run_stage1
-from rqat_deploy.tiny import build_tiny_model
+from rqat_deploy.quant.spec import QuantSpec
+from rqat_deploy.train.stage1 import Stage1Config, run_stage1
+from rqat_deploy.builtin.tiny import build_tiny_model
 
 
 def _rss_bytes(field: str) -> int:

@@ -9,7 +9,7 @@ Usage::
 Each configuration runs in a fresh subprocess (so the peak resident memory it reports is its own):
 it builds the tiny model (or uses ``--model-dir``), an RTN checkpoint, stage-2 samples from a JSONL
 spec (default: the chain-of-thought samples of ``../shared/data/math_cot_100.jsonl`` rendered as
-conversations), then times ``--steps`` optimizer steps of :func:`rqat_deploy.stage2.run_stage2`
+conversations), then times ``--steps`` optimizer steps of :func:`rqat_deploy.train.stage2.run_stage2`
 (held-out evaluation off). It prints a Markdown table: completion tokens/s (the trained tokens),
 all tokens/s (prompt included, what the forward processes), seconds per step, peak memory (CUDA:
 ``max_memory_allocated``; CPU: peak RSS of the process and its growth over the RSS before training).
@@ -49,13 +49,13 @@ def worker(args: argparse.Namespace) -> dict:
     """Run one configuration in this process and return its measurements."""
     import torch
 
-    from rqat_deploy.checkpoint import load_model
-    from rqat_deploy.data import build_sft
+    from rqat_deploy.quant.checkpoint import load_model
+    from rqat_deploy.data.training import build_sft
     from rqat_deploy.models import load_hf_model
-    from rqat_deploy.stage2 import Stage2Config, run_stage2
-    from rqat_deploy.teacher import CachedTeacher, LiveTeacher
-    from rqat_deploy.tiny import build_tiny_model
-    from rqat_deploy.train import quantize_rtn
+    from rqat_deploy.train.stage2 import Stage2Config, run_stage2
+    from rqat_deploy.train.teacher import CachedTeacher, LiveTeacher
+    from rqat_deploy.builtin.tiny import build_tiny_model
+    from rqat_deploy.train.run import quantize_rtn
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -24,7 +24,7 @@ method, the mean accuracy over seeds with a 95 % t-interval over seeds (Wilson o
 RTN and the teacher), the mean thinking length, and the mean paired difference to ``C`` over seeds.
 
 Each run appends one JSON line to ``OUT/results.jsonl``; rerunning skips finished runs, so an
-interrupted replication resumes. The settings are :data:`rqat_deploy.train.BUILTIN_PRESET` (the
+interrupted replication resumes. The settings are :data:`rqat_deploy.train.run.BUILTIN_PRESET` (the
 defaults of ``rqat-deploy train`` without ``--model``); nothing here was tuned on held-out accuracy.
 """
 
@@ -45,9 +45,9 @@ MIX_METHODS = ("C, reasoning only", "C, pre-training only")
 
 def _evaluate(model_dir: Path | None, per_level: int) -> dict[str, Any]:
     """Greedy held-out accuracy of a checkpoint (None: the teacher)."""
-    from rqat_deploy import synth
-    from rqat_deploy.checkpoint import load_model
-    from rqat_deploy.tiny_reasoner import evaluate
+    from rqat_deploy.builtin import synth
+    from rqat_deploy.quant.checkpoint import load_model
+    from rqat_deploy.builtin.tiny_reasoner import evaluate
 
     if model_dir is None:
         ev = evaluate(synth.default_model_dir(), per_level=per_level)
@@ -64,8 +64,8 @@ def _evaluate(model_dir: Path | None, per_level: int) -> dict[str, Any]:
 
 def _train(out: Path, **kw: Any) -> dict[str, Any]:
     """One ``rqat-deploy train`` run on the built-in model; returns its stage reports."""
-    from rqat_deploy.spec import QuantSpec
-    from rqat_deploy.train import BUILTIN_PRESET, TrainConfig, run_train
+    from rqat_deploy.quant.spec import QuantSpec
+    from rqat_deploy.train.run import BUILTIN_PRESET, TrainConfig, run_train
 
     bits = kw.pop("bits")
     cfg = TrainConfig(out=str(out), quant=QuantSpec(bits=bits), force=True, **(BUILTIN_PRESET | kw))
@@ -88,7 +88,7 @@ def _record(results: Path, row: dict[str, Any]) -> None:
 
 def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int) -> None:
     """Train and grade every missing run (see the module docstring)."""
-    from rqat_deploy import synth
+    from rqat_deploy.builtin import synth
 
     results = out / "results.jsonl"
     work = out / "work"

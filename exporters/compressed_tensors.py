@@ -157,7 +157,7 @@ def verify_export(ckpt: Any, out_dir: Path, qconfig: dict[str, Any]) -> dict[str
     """Decode every quantized weight of a written export with the compressed-tensors package.
 
     Args:
-        ckpt: the source :class:`~rqat_deploy.checkpoint.QuantizedCheckpoint`.
+        ckpt: the source :class:`~rqat_deploy.quant.checkpoint.QuantizedCheckpoint`.
         out_dir: the written export directory.
         qconfig: its quantization config.
 

@@ -252,7 +252,7 @@ def export_gguf(
     """
     import gguf
 
-    from rqat_deploy.checkpoint import QUANT_FILE, read_checkpoint, read_float_model
+    from rqat_deploy.quant.checkpoint import QUANT_FILE, read_checkpoint, read_float_model
 
     t0 = time.perf_counter()
     out = Path(out_path)

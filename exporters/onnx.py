@@ -53,7 +53,7 @@ import torch
 from rqat_deploy.errors import BackendError, ConfigError, ExportError
 
 if TYPE_CHECKING:
-    from rqat_deploy.checkpoint import QuantizedCheckpoint
+    from rqat_deploy.quant.checkpoint import QuantizedCheckpoint
 
 __all__ = [
     "ACCURACY_LEVELS",
@@ -390,7 +390,7 @@ def _staged(out_dir: str | os.PathLike[str], ckpt_path: Path, force: bool) -> It
         ExportError: ``out_dir`` overlaps the checkpoint.
         OutputExistsError: ``out_dir`` exists and ``force`` is false.
     """
-    from rqat_deploy.checkpoint import staged_output_dir
+    from rqat_deploy.quant.checkpoint import staged_output_dir
     from rqat_deploy.exporters.safetensors_io import check_out_dir
 
     with staged_output_dir(check_out_dir(ckpt_path, out_dir), force) as tmp:
@@ -399,7 +399,7 @@ def _staged(out_dir: str | os.PathLike[str], ckpt_path: Path, force: bool) -> It
 
 def _finish(tmp: Path, ckpt: "QuantizedCheckpoint") -> None:
     """Copy the checkpoint's model files the builder did not write (config.json, generation config...)."""
-    from rqat_deploy.checkpoint import MODEL_FILES
+    from rqat_deploy.quant.checkpoint import MODEL_FILES
 
     for name in MODEL_FILES:
         if (ckpt.path / name).exists() and not (tmp / name).exists():
@@ -453,7 +453,7 @@ def export_onnx(
         BackendError: onnx / onnxruntime / onnxruntime-genai / onnx-ir are not installed.
         ConfigError: an accuracy level outside 0-4.
     """
-    from rqat_deploy.checkpoint import read_checkpoint
+    from rqat_deploy.quant.checkpoint import read_checkpoint
 
     t0 = time.perf_counter()
     level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
@@ -534,7 +534,7 @@ def export_onnx_dense(
         ExportError: unsupported architecture, overlapping output, builder failure.
         OutputExistsError: ``out_dir`` exists and ``force`` is false.
     """
-    from rqat_deploy.checkpoint import read_checkpoint
+    from rqat_deploy.quant.checkpoint import read_checkpoint
 
     _require("onnx", "onnxruntime", "onnx_ir", "onnxruntime_genai")
     ckpt = read_checkpoint(ckpt_dir)
@@ -703,7 +703,7 @@ def _prompt_ids(ckpt_dir: Path, vocab: int) -> list[int]:
 
 def _reference_logits(ckpt_dir: str | os.PathLike[str], prompt_ids: Sequence[int] | None) -> tuple[list[int], np.ndarray]:
     """The prompt and the checkpoint's PyTorch logits ``[T, V]`` (``load_model``, float32)."""
-    from rqat_deploy.checkpoint import load_model
+    from rqat_deploy.quant.checkpoint import load_model
 
     model, _ = load_model(ckpt_dir, dtype=torch.float32)
     ids = list(prompt_ids) if prompt_ids is not None else _prompt_ids(Path(ckpt_dir), model.config.vocab_size)

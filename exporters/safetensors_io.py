@@ -19,11 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rqat_deploy.checkpoint import staged_output_dir
+from rqat_deploy.quant.checkpoint import staged_output_dir
 from rqat_deploy.errors import ExportError
 
 if TYPE_CHECKING:
-    from rqat_deploy.checkpoint import QuantizedCheckpoint
+    from rqat_deploy.quant.checkpoint import QuantizedCheckpoint
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -217,7 +217,7 @@ def open_uniform_checkpoint(ckpt_dir: str | os.PathLike[str], fmt: str) -> "Quan
         CheckpointError: the checkpoint is missing, corrupted or inconsistent.
         ExportError: the checkpoint uses the ``kquant`` grid.
     """
-    from rqat_deploy.checkpoint import read_checkpoint
+    from rqat_deploy.quant.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(ckpt_dir)
     if ckpt.meta.grid != "uniform":

@@ -1,12 +1,12 @@
 """Triton kernels for the stage-2 form (codes frozen, only scale parameters train).
 
-``W = s * (q - z) - o`` per group of ``gs`` input columns (see :mod:`rqat_deploy.reference`), with
+``W = s * (q - z) - o`` per group of ``gs`` input columns (see :mod:`rqat_deploy.quant.reference`), with
 ``dW/ds = q - z`` and ``dW/do = -1``. The backward reads ``g`` and ``q`` once and reduces each group
-inside the kernel with the same halving tree as :func:`rqat_deploy.reference.group_sum`: no
+inside the kernel with the same halving tree as :func:`rqat_deploy.quant.reference.group_sum`: no
 ``[R, K]`` product tensor is ever written, only the ``[R, K/gs]`` gradients.
 
-Bit-identical in float32 to :func:`rqat_deploy.reference.dequant` and
-:func:`rqat_deploy.reference.dequant_backward` (same IEEE operations in the same order, no FMA
+Bit-identical in float32 to :func:`rqat_deploy.quant.reference.dequant` and
+:func:`rqat_deploy.quant.reference.dequant_backward` (same IEEE operations in the same order, no FMA
 contraction: kernels are launched with ``enable_fp_fusion=False``).
 
 This module imports ``triton`` at import time: the core imports it lazily, only when the Triton

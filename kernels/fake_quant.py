@@ -1,6 +1,6 @@
 """Triton kernels for the stage-1 fake-quant form (latent weights train).
 
-The math is the unified group form of :mod:`rqat_deploy.reference` (its module docstring): groups of
+The math is the unified group form of :mod:`rqat_deploy.quant.reference` (its module docstring): groups of
 ``gs`` consecutive input columns, each with an effective scale ``s``, an integer zero point ``z`` and an
 offset ``o``::
 
@@ -8,15 +8,15 @@ offset ``o``::
     q  = clamp(rint(u) + z, 0, qmax)       # round half to even; q = z where s == 0
     w' = s * (q - z) - o
 
-The kernels are the fused twins of :func:`rqat_deploy.reference.quantize_codes`,
-:func:`~rqat_deploy.reference.dequant` and :func:`~rqat_deploy.reference.fake_quant_backward`, and
+The kernels are the fused twins of :func:`rqat_deploy.quant.reference.quantize_codes`,
+:func:`~rqat_deploy.quant.reference.dequant` and :func:`~rqat_deploy.quant.reference.fake_quant_backward`, and
 match them bit for bit in float32:
 
 - every operation is the same IEEE float32 operation in the same order (``tl.math.div_rn`` for the
   division, an exact half-to-even :func:`_rint`, kernels launched with ``enable_fp_fusion=False`` so
   that no multiply-add is contracted into an FMA on the GPU);
 - per-group sums use :func:`_group_sum`, the same halving tree as
-  :func:`rqat_deploy.reference.group_sum`.
+  :func:`rqat_deploy.quant.reference.group_sum`.
 
 Weights may be float32, bfloat16 or float16; the math is float32 inside the kernel and only the
 result is cast back to the weight's dtype. Group parameters are float32.
@@ -82,7 +82,7 @@ def _rint(x):
 def _group_sum(x, BLOCK_R: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, LOG2_GS: tl.constexpr):
     """Sum the last dim of a ``[BLOCK_R, NG, GS]`` tile with a fixed halving tree -> ``[BLOCK_R, NG]``.
 
-    Equivalent torch math (:func:`rqat_deploy.reference.group_sum`)::
+    Equivalent torch math (:func:`rqat_deploy.quant.reference.group_sum`)::
 
         while x.shape[-1] > 1:
             h = x.shape[-1] // 2

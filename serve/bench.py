@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rqat_deploy.errors import ConfigError, DataError
-from rqat_deploy.serve.datasets import EvalExample, load_eval_set
-from rqat_deploy.serve.grading import grade_response, math_verify_available
+from rqat_deploy.data.evalset import EvalExample, load_eval_set
+from rqat_deploy.data.grading import grade_response, math_verify_available
 from rqat_deploy.serve.report import (
     compare_models,
     environment_info,
@@ -37,7 +37,7 @@ from rqat_deploy.serve.report import (
     write_report,
 )
 from rqat_deploy.serve.runtimes import DEFAULT_INSTRUCTION, Generation, SamplingParams, load_runtime
-from rqat_deploy.serve.thinking import DEFAULT_RESTART_PATTERNS, analyze_response, is_truncated
+from rqat_deploy.data.thinking import DEFAULT_RESTART_PATTERNS, analyze_response, is_truncated
 
 __all__ = ["DEFAULT_SPEED_TEXT", "model_labels", "run_bench", "score_response"]
 
@@ -334,7 +334,7 @@ def run_bench(
         split: split of Hub / directory datasets.
         grader: ``auto`` / ``fallback`` / ``math-verify``.
         restart_patterns: self-verification phrases (default
-            :data:`~rqat_deploy.serve.thinking.DEFAULT_RESTART_PATTERNS`).
+            :data:`~rqat_deploy.data.thinking.DEFAULT_RESTART_PATTERNS`).
         tokenizer: grade-only: a tokenizer (directory or Hub id) to count thinking tokens with.
         speed: make the speed run (generate mode).
         speed_prompt_tokens: prompt length of the speed run.

@@ -16,7 +16,7 @@ Every runtime does the same things the same way, so their numbers can be compare
   (``finish_reason = "length"``). The end-of-generation ids of a model directory / ONNX export are
   those of its ``generation_config.json`` and its tokenizer (ONNX: plus ``genai_config.json``'s).
 - **Counting**: completion tokens are generated ids; thinking tokens are counted on the ids by
-  :mod:`rqat_deploy.serve.thinking` with the ``<think>`` / ``</think>`` ids when the vocabulary has
+  :mod:`rqat_deploy.data.thinking` with the ``<think>`` / ``</think>`` ids when the vocabulary has
   them as single tokens. The text is decoded with special tokens kept, so the tags stay visible.
 - **Timing** (per generation and in :meth:`Runtime.speed`): ``ttft_s`` = wall time from the call
   to the first generated token; ``prefill_tokens_per_s`` = prompt tokens / prefill time (llama.cpp:
@@ -601,7 +601,7 @@ def _is_compressed_tensors(path: Path) -> bool:
 
 class TransformersRuntime(Runtime):
     """A Hugging Face model directory / Hub id, a quantized checkpoint (``rqat_quant.json``, loaded
-    dequantized through :func:`rqat_deploy.checkpoint.load_model`) or a compressed-tensors export
+    dequantized through :func:`rqat_deploy.quant.checkpoint.load_model`) or a compressed-tensors export
     (loaded with ``run_compressed=False``)."""
 
     name = "transformers"
@@ -628,7 +628,7 @@ class TransformersRuntime(Runtime):
             torch.set_num_threads(n_threads)  # process-wide: close() restores it
         path = Path(model_path)
         if (path / "rqat_quant.json").exists():
-            from rqat_deploy.checkpoint import load_model
+            from rqat_deploy.quant.checkpoint import load_model
 
             self.kind = "checkpoint"
             self.model, self.tokenizer = load_model(path, dtype=torch_dtype(self.dtype), device=self.device)

@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-# --- Tiny local models (rqat_deploy.tiny): built once per session, offline, deterministic. -------
+# --- Tiny local models (rqat_deploy.builtin.tiny): built once per session, offline, deterministic. -------
 
 from pathlib import Path  # noqa: E402
 
@@ -29,7 +29,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Qwen3 (hidden 256, tied embeddings) with the tiny Qwen-style tokenizer."""
-    from rqat_deploy.tiny import build_tiny_model
+    from rqat_deploy.builtin.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3"), "qwen3")
 
@@ -37,7 +37,7 @@ def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Qwen2 (q/k/v biases, tied embeddings) with the tiny tokenizer."""
-    from rqat_deploy.tiny import build_tiny_model
+    from rqat_deploy.builtin.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2")
 
@@ -45,6 +45,6 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama with an untied ``lm_head`` (covers a separate output matrix)."""
-    from rqat_deploy.tiny import build_tiny_model
+    from rqat_deploy.builtin.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", tie_word_embeddings=False)

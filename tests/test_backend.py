@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rqat_deploy import backend
+from rqat_deploy.quant import backend
 from rqat_deploy.errors import BackendError, ConfigError
-from rqat_deploy.qlinear import QuantLinear
-from rqat_deploy.spec import QuantSpec
+from rqat_deploy.quant.qlinear import QuantLinear
+from rqat_deploy.quant.spec import QuantSpec
 
 
 def test_auto_picks_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -283,7 +283,7 @@ def test_vllm_clear_error_without_vllm_or_gpu() -> None:
 
 
 def test_render_chat_thinking_switch() -> None:
-    from rqat_deploy.tiny import CHAT_TEMPLATE
+    from rqat_deploy.builtin.tiny import CHAT_TEMPLATE
 
     on = render_chat(CHAT_TEMPLATE, "hi")
     off = render_chat(CHAT_TEMPLATE, "hi", enable_thinking=False)
@@ -301,7 +301,7 @@ def test_render_chat_thinking_switch() -> None:
 def tiny_exports(tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny Qwen3 as a 2-bit RTN checkpoint and its exact F32 GGUF (same dequantized weights)."""
     from rqat_deploy.exporters.gguf import export_gguf
-    from rqat_deploy.train import quantize_rtn
+    from rqat_deploy.train.run import quantize_rtn
 
     root = tmp_path_factory.mktemp("bench_tiny")
     ckpt = quantize_rtn(tiny_qwen3_dir, root / "ckpt", bits=2)

@@ -32,7 +32,7 @@ def tiny_onnx(tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     if _MISSING:
         pytest.skip(f"{', '.join(_MISSING)} not installed (pip install 'rqat-deploy[onnx]')")
     from rqat_deploy.exporters.onnx import export_onnx
-    from rqat_deploy.train import quantize_rtn
+    from rqat_deploy.train.run import quantize_rtn
 
     root = tmp_path_factory.mktemp("bench_onnx")
     ckpt = quantize_rtn(tiny_qwen3_dir, root / "ckpt", bits=4, grid="uniform")

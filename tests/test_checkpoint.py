@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rqat_deploy.checkpoint import load_model, read_checkpoint, save_checkpoint
+from rqat_deploy.quant.checkpoint import load_model, read_checkpoint, save_checkpoint
 from rqat_deploy.errors import CheckpointError, ConfigError, OutputExistsError, ShapeError
 from rqat_deploy.models import load_hf_model
-from rqat_deploy.spec import QuantSpec
-from rqat_deploy.surgery import convert_model, freeze_codes, prepare_model, quant_linears
+from rqat_deploy.quant.spec import QuantSpec
+from rqat_deploy.quant.surgery import convert_model, freeze_codes, prepare_model, quant_linears
 
 CASES = [(2, "uniform"), (3, "uniform"), (4, "uniform"), (2, "kquant"), (3, "kquant")]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rqat_deploy.checkpoint import load_model, read_checkpoint
+from rqat_deploy.quant.checkpoint import load_model, read_checkpoint
 from rqat_deploy.cli import cli
 
 

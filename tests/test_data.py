@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rqat_deploy.data import (
+from rqat_deploy.data.training import (
     DEFAULT_CALIB_SPEC,
     IGNORE_INDEX,
     FieldMap,
@@ -28,7 +28,7 @@ COT = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_cot_100.js
 
 @pytest.fixture(scope="module")
 def tok():
-    from rqat_deploy.tiny import build_tokenizer
+    from rqat_deploy.builtin.tiny import build_tokenizer
 
     return build_tokenizer()
 

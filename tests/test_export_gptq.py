@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rqat_deploy.checkpoint import read_checkpoint
+from rqat_deploy.quant.checkpoint import read_checkpoint
 from rqat_deploy.errors import CheckpointError, ConfigError, ExportError, OutputExistsError
 from rqat_deploy.exporters.compressed_tensors import export_compressed_tensors
 from rqat_deploy.exporters.gptq import QUANTIZE_CONFIG_FILE, decode_gptq, export_gptq
 from rqat_deploy.exporters.safetensors_io import REPORT_FILE, SafetensorsDir
-from rqat_deploy.train import quantize_rtn
+from rqat_deploy.train.run import quantize_rtn
 
 
 def _leftovers(out: Path) -> list[str]:

@@ -15,11 +15,11 @@ import gguf
 import numpy as np
 import pytest
 
-from rqat_deploy.checkpoint import read_checkpoint
+from rqat_deploy.quant.checkpoint import read_checkpoint
 from rqat_deploy.errors import ConfigError, ExportError, OutputExistsError
 from rqat_deploy.exporters import gguf_quants as gq
 from rqat_deploy.exporters.gguf import export_gguf, format_inspect, inspect_gguf
-from rqat_deploy.train import quantize_rtn
+from rqat_deploy.train.run import quantize_rtn
 
 
 class _Ckpts(dict):

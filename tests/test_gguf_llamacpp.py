@@ -40,9 +40,9 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (pip install 'rqat-deploy[llamacpp]')"
 )
 
-from rqat_deploy.checkpoint import load_model  # noqa: E402
+from rqat_deploy.quant.checkpoint import load_model  # noqa: E402
 from rqat_deploy.exporters.gguf import ExportReport, export_gguf  # noqa: E402
-from rqat_deploy.train import quantize_rtn  # noqa: E402
+from rqat_deploy.train.run import quantize_rtn  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 

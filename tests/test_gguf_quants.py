@@ -1,7 +1,7 @@
 """GGUF block packers and uniform -> GGUF mappings (exporters/gguf_quants.py).
 
 The oracle is gguf-py's own ``gguf.quants.dequantize`` (independent of our packers), and the float32
-formulas of DESIGN.md 3 as implemented by the core (``rqat_deploy.reference``): packing a
+formulas of DESIGN.md 3 as implemented by the core (``rqat_deploy.quant.reference``): packing a
 checkpoint's fields must decode to exactly the checkpoint's weight.
 """
 
@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from rqat_deploy import reference
+from rqat_deploy.quant import reference
 from rqat_deploy.errors import ConfigError, ShapeError
 from rqat_deploy.exporters import gguf_quants as gq
 

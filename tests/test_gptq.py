@@ -9,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rqat_deploy.errors import ShapeError
-from rqat_deploy.gptq import gptq_linear, gptq_quantize, run_gptq
-from rqat_deploy.qlinear import QuantLinear
-from rqat_deploy.quantizer import dequantize_tensors, quantizer_class
-from rqat_deploy.spec import QuantSpec
-from rqat_deploy.surgery import prepare_model, quant_linears
+from rqat_deploy.train.gptq import gptq_linear, gptq_quantize, run_gptq
+from rqat_deploy.quant.qlinear import QuantLinear
+from rqat_deploy.quant.quantizer import dequantize_tensors, quantizer_class
+from rqat_deploy.quant.spec import QuantSpec
+from rqat_deploy.quant.surgery import prepare_model, quant_linears
 
 CASES = [("uniform", 2), ("uniform", 3), ("kquant", 2), ("kquant", 3)]
 

@@ -10,8 +10,8 @@ import pytest
 
 from rqat_deploy.errors import ConfigError, DataError
 from rqat_deploy.serve.bench import run_bench
-from rqat_deploy.serve.datasets import detect_fields, gold_final_answer, load_eval_set, load_rows, parse_spec
-from rqat_deploy.serve.grading import (
+from rqat_deploy.data.evalset import detect_fields, gold_final_answer, load_eval_set, load_rows, parse_spec
+from rqat_deploy.data.grading import (
     extract_answer,
     fallback_equiv,
     grade_response,

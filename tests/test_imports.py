@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def _run(code: str) -> str:
@@ -23,6 +24,23 @@ def test_import_is_light() -> None:
     assert out.split() == ["False", "False"]
 
 
+OUR_KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+
+
+def _kernels_origin(cwd: Path, code: str = "") -> str:
+    """Where ``import kernels`` resolves after ``code``, in a Python started with ``cwd`` first on ``sys.path``."""
+    probe = code + "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=cwd).stdout.strip()
+
+
 def test_top_level_kernels_is_not_ours() -> None:
-    out = _run("import importlib.util as u; s = u.find_spec('kernels'); print(s is None or 'rqat' not in (s.origin or ''))")
-    assert out.strip() == "True"
+    """From anywhere, ``import rqat_deploy`` leaves top-level ``kernels`` to Hugging Face (or to nothing)."""
+    for cwd in (Path("/"), OUR_KERNELS.parent):
+        origin = _kernels_origin(cwd, "import rqat_deploy; ")
+        assert origin == "None" or Path(origin).resolve().parent != OUR_KERNELS, (cwd, origin)
+
+
+def test_checkout_root_would_shadow_without_the_guard() -> None:
+    """The guard is needed: started in the checkout's root, plain Python finds our folder as ``kernels``."""
+    origin = _kernels_origin(OUR_KERNELS.parent)
+    assert Path(origin).resolve().parent == OUR_KERNELS

@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from rqat_deploy import reference as ref  # noqa: E402
+from rqat_deploy.quant import reference as ref  # noqa: E402
 from rqat_deploy.errors import BackendError, ShapeError  # noqa: E402
 from rqat_deploy.kernels import dequant as dq  # noqa: E402
 from rqat_deploy.kernels import fake_quant as fq  # noqa: E402

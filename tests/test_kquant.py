@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from rqat_deploy import reference
+from rqat_deploy.quant import reference
 from rqat_deploy.errors import ShapeError
-from rqat_deploy.kquant import KQuantParams, init_q2_k, init_q3_k, llamacpp_q2_k, llamacpp_q3_k
+from rqat_deploy.quant.kquant import KQuantParams, init_q2_k, init_q3_k, llamacpp_q2_k, llamacpp_q3_k
 
 PORTS = {2: llamacpp_q2_k, 3: llamacpp_q3_k}
 OURS = {2: init_q2_k, 3: init_q3_k}
@@ -256,7 +256,7 @@ def test_q2_port_d_is_fp16_of_max_scale_over_15() -> None:
 
 
 def test_nearest_int_matches_ggml_trick() -> None:
-    from rqat_deploy.kquant import _nearest_int
+    from rqat_deploy.quant.kquant import _nearest_int
 
     x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.49, -3.51, 1e6 + 0.5])
     assert _nearest_int(x).tolist() == [-2, -2, 0, 0, 2, 2, 3, -4, 1000000]

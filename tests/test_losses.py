@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rqat_deploy import losses
+from rqat_deploy.train import losses
 from rqat_deploy.errors import ConfigError
-from rqat_deploy.losses import ABLATIONS, PRESETS, LossConfig, TeacherTargets, chunked_loss, parse_terms, token_metrics
+from rqat_deploy.train.losses import ABLATIONS, PRESETS, LossConfig, TeacherTargets, chunked_loss, parse_terms, token_metrics
 
 N, H, HT, V, K = 37, 16, 12, 50, 5
 

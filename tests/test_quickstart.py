@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from rqat_deploy import synth
+from rqat_deploy.builtin import synth
 from rqat_deploy.cli import cli
 from rqat_deploy.errors import ConfigError
-from rqat_deploy.spec import QuantSpec
-from rqat_deploy.train import BUILTIN_PRESET, TrainConfig, run_train
+from rqat_deploy.quant.spec import QuantSpec
+from rqat_deploy.train.run import BUILTIN_PRESET, TrainConfig, run_train
 
 
 @pytest.fixture()
@@ -78,7 +78,7 @@ def test_teacher_exports_to_an_exact_f16_gguf(tmp_path: Path) -> None:
 def test_quickstart_smoke_runs_the_whole_pipeline(cache: Path, tmp_path: Path) -> None:
     """A shortened quickstart: train RTN + rqat, export three GGUFs, bench them in llama.cpp."""
     pytest.importorskip("llama_cpp")
-    from rqat_deploy.quickstart import QuickstartConfig, format_table, run_quickstart
+    from rqat_deploy.cli.quickstart import QuickstartConfig, format_table, run_quickstart
 
     cfg = QuickstartConfig(
         out=str(tmp_path / "qs"), per_level=1, max_tokens=96, threads=1, calib_samples=8, calib_seq_len=128,
@@ -102,7 +102,7 @@ def test_quickstart_smoke_runs_the_whole_pipeline(cache: Path, tmp_path: Path) -
 
 
 def test_builtin_spec_word_names_the_builtin_data(cache: Path) -> None:
-    from rqat_deploy.synth import resolve_spec
+    from rqat_deploy.builtin.synth import resolve_spec
 
     root = cache / f"data-v{synth.DATA_VERSION}"
     assert resolve_spec("builtin", "eval") == str(root / "eval_heldout.jsonl")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rqat_deploy import reference as R
+from rqat_deploy.quant import reference as R
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rqat_deploy.errors import ConfigError, ShapeError
-from rqat_deploy.spec import QuantSpec
+from rqat_deploy.quant.spec import QuantSpec
 
 
 def test_defaults_and_derived_fields() -> None:

@@ -10,14 +10,14 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import AutoModelForCausalLM
 
-from rqat_deploy import activations
-from rqat_deploy.activations import ActivationStore, capture_layer_inputs, choose_store_mode, run_layer
-from rqat_deploy.checkpoint import load_model, save_checkpoint
+from rqat_deploy.train import activations
+from rqat_deploy.train.activations import ActivationStore, capture_layer_inputs, choose_store_mode, run_layer
+from rqat_deploy.quant.checkpoint import load_model, save_checkpoint
 from rqat_deploy.errors import ConfigError, ShapeError
-from rqat_deploy.qlinear import QuantLinear
-from rqat_deploy.spec import QuantSpec
-from rqat_deploy.stage1 import NonFiniteError, Stage1Config, run_stage1
-from rqat_deploy.surgery import freeze_codes, prepare_model, quant_linears
+from rqat_deploy.quant.qlinear import QuantLinear
+from rqat_deploy.quant.spec import QuantSpec
+from rqat_deploy.train.stage1 import NonFiniteError, Stage1Config, run_stage1
+from rqat_deploy.quant.surgery import freeze_codes, prepare_model, quant_linears
 
 N, L, N_VAL = 12, 32, 4
 SMALL = dict(val_samples=N_VAL, batch_size=2, forward_batch_size=4, store="memory")

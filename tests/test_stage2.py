@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from rqat_deploy.errors import ConfigError
-from rqat_deploy.losses import LossConfig, chunked_loss
-from rqat_deploy.stage2 import STATE_FILE, NonFiniteError, Stage2Config, run_stage2
-from rqat_deploy.surgery import quant_linears
-from rqat_deploy.teacher import CachedTeacher, LiveTeacher, completion_positions, decoder_and_head
+from rqat_deploy.train.losses import LossConfig, chunked_loss
+from rqat_deploy.train.stage2 import STATE_FILE, NonFiniteError, Stage2Config, run_stage2
+from rqat_deploy.quant.surgery import quant_linears
+from rqat_deploy.train.teacher import CachedTeacher, LiveTeacher, completion_positions, decoder_and_head
 
 COT = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_cot_100.jsonl"
 SCALE_NAMES = {"scales", "d", "dmin"}
@@ -29,9 +29,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def env(tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from rqat_deploy.data import build_sft
+    from rqat_deploy.data.training import build_sft
     from rqat_deploy.models import load_hf_model
-    from rqat_deploy.train import quantize_rtn
+    from rqat_deploy.train.run import quantize_rtn
 
     if not COT.exists():
         pytest.skip(f"{COT} is not available")
@@ -49,7 +49,7 @@ def env(tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _student(path: Path) -> torch.nn.Module:
-    from rqat_deploy.checkpoint import load_model
+    from rqat_deploy.quant.checkpoint import load_model
 
     model, _ = load_model(path, form="stage2")
     return model
@@ -96,7 +96,7 @@ def test_stage2_lowers_heldout_kl_and_changes_only_scales(env: dict, tmp_path: P
 
 
 def test_checkpoint_after_stage2_reloads_to_the_trained_logits(env: dict, tmp_path: Path) -> None:
-    from rqat_deploy.checkpoint import load_model, save_checkpoint
+    from rqat_deploy.quant.checkpoint import load_model, save_checkpoint
 
     student = _student(env["ckpt"])
     norms: list[tuple[float, float]] = []
@@ -233,7 +233,7 @@ def test_nonfinite_loss_is_reported(env: dict) -> None:
 
 
 def test_kquant_student_trains_d_only(env: dict, tmp_path: Path) -> None:
-    from rqat_deploy.train import quantize_rtn
+    from rqat_deploy.train.run import quantize_rtn
 
     ck = quantize_rtn(env["model_dir"], tmp_path / "q2k", bits=2, grid="kquant")
     student = _student(ck)

@@ -34,7 +34,7 @@ CFG = dict(lr=3e-3, epochs=1, global_batch=5, micro_batch=2, eval_samples=4, war
 
 
 def _stage2_config():
-    from rqat_deploy.stage2 import Stage2Config
+    from rqat_deploy.train.stage2 import Stage2Config
 
     return Stage2Config(**CFG)
 
@@ -42,7 +42,7 @@ def _stage2_config():
 def _data(model_dir: Path, conv: Path):
     from transformers import AutoTokenizer
 
-    from rqat_deploy.data import build_sft
+    from rqat_deploy.data.training import build_sft
 
     return build_sft(AutoTokenizer.from_pretrained(str(model_dir)), str(conv), N_SAMPLES, SEQ_LEN, seed=0)
 
@@ -78,10 +78,10 @@ def _worker(args: dict) -> None:
 
     sys.addaudithook(audit)
     torch.set_num_threads(1)
-    from rqat_deploy import distributed as du
-    from rqat_deploy.checkpoint import load_model
-    from rqat_deploy.stage2 import run_stage2
-    from rqat_deploy.teacher import CachedTeacher
+    from rqat_deploy.train import distributed as du
+    from rqat_deploy.quant.checkpoint import load_model
+    from rqat_deploy.train.stage2 import run_stage2
+    from rqat_deploy.train.teacher import CachedTeacher
 
     opened = du.init_distributed("cpu")
     assert opened and du.world_size() == 2
@@ -143,8 +143,8 @@ def env(tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     if not COT.exists():
         pytest.skip(f"{COT} is not available")
     from rqat_deploy.models import load_hf_model
-    from rqat_deploy.teacher import CachedTeacher
-    from rqat_deploy.train import quantize_rtn
+    from rqat_deploy.train.teacher import CachedTeacher
+    from rqat_deploy.train.run import quantize_rtn
 
     d = tmp_path_factory.mktemp("stage2_ddp")
     conv = d / "conv.jsonl"
@@ -165,8 +165,8 @@ def _metrics(path: Path) -> list[dict]:
 
 
 def test_two_process_ddp_equals_single_process_and_only_rank0_writes(env: dict, tmp_path: Path) -> None:
-    from rqat_deploy.checkpoint import load_model
-    from rqat_deploy.stage2 import METRICS_FILE, STATE_FILE, run_stage2
+    from rqat_deploy.quant.checkpoint import load_model
+    from rqat_deploy.train.stage2 import METRICS_FILE, STATE_FILE, run_stage2
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -225,15 +225,24 @@ def test_two_process_ddp_equals_single_process_and_only_rank0_writes(env: dict, 
     assert sorted(p.name for p in state_dir.iterdir()) == [METRICS_FILE, STATE_FILE]
 
 
-def test_torchrun_cli_train_writes_one_checkpoint(env: dict, tmp_path: Path) -> None:
-    """The documented launch, ``torchrun -m rqat_deploy.cli train``: rank 0 initialises, both train stage 2."""
-    from rqat_deploy.checkpoint import load_model
+_LAUNCHES = {  # the documented launches, started from the checkout's root (where kernels/ could shadow HF's)
+    "console-script": ["--no-python", str(Path(sys.executable).with_name("rqat-deploy"))],
+    "module": ["-m", "rqat_deploy.cli"],
+}
+
+
+@pytest.mark.parametrize("launch", sorted(_LAUNCHES))
+def test_torchrun_cli_train_writes_one_checkpoint(env: dict, tmp_path: Path, launch: str) -> None:
+    """``torchrun --no-python rqat-deploy train`` and ``torchrun -m rqat_deploy.cli train``, run from the
+    repository root: rank 0 initialises, both ranks train stage 2, one checkpoint is written."""
+    from rqat_deploy.quant.checkpoint import load_model
 
     flags = ["--model", str(env["model_dir"]), "--recipe", "rqat", "--bits", "2", "--calib", str(env["conv"]),
              "--calib-samples", "8", "--calib-seq-len", "48", "--train-data", str(env["conv"]), "--train-samples", "12",
              "--train-seq-len", "80", "--stage1-epochs", "1", "--global-batch", "4", "--micro-batch", "2",
              "--stage2-epochs", "1", "--stage2-lr", "1e-3", "--out", str(tmp_path / "ck")]
-    log = _torchrun(["-m", "rqat_deploy.cli", "train", *flags], tmp_path / "train.log", tee=True)
+    root = Path(__file__).resolve().parent.parent
+    log = _torchrun([*_LAUNCHES[launch], "train", *flags], tmp_path / "train.log", cwd=root, tee=True)
     # torchrun prefixes each newline-terminated line; a tqdm bar (\r-separated frames) stays on its rank's line
     rank1 = "\n".join(line for line in log.split("\n") if line.startswith("[default1]"))
     assert "stage 2: 100%" in log and "stage 2" not in rank1  # one progress bar: rank 0's
@@ -247,7 +256,7 @@ def test_torchrun_cli_train_writes_one_checkpoint(env: dict, tmp_path: Path) -> 
 
 
 def test_shards_partition_the_batch_and_launch_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    from rqat_deploy import distributed as du
+    from rqat_deploy.train import distributed as du
     from rqat_deploy.errors import ConfigError
 
     for n in range(0, 12):
@@ -269,8 +278,8 @@ def test_shards_partition_the_batch_and_launch_errors(monkeypatch: pytest.Monkey
 def env_rtn_param(env: dict, name: str) -> torch.Tensor:
     """The RTN starting value of a trainable tensor (cached per module run)."""
     if "rtn_params" not in env:
-        from rqat_deploy.checkpoint import load_model
-        from rqat_deploy.stage2 import trainable_parameters
+        from rqat_deploy.quant.checkpoint import load_model
+        from rqat_deploy.train.stage2 import trainable_parameters
 
         model, _ = load_model(env["ckpt"], form="stage2")
         env["rtn_params"] = {n: p.detach().clone() for n, p in trainable_parameters(model, _stage2_config())}

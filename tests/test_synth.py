@@ -1,4 +1,4 @@
-"""Tests of the offline synthetic data (rqat_deploy.synth)."""
+"""Tests of the offline synthetic data (rqat_deploy.builtin.synth)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rqat_deploy import synth
+from rqat_deploy.builtin import synth
 from rqat_deploy.errors import ConfigError, DataError
-from rqat_deploy.serve.grading import grade_response
+from rqat_deploy.data.grading import grade_response
 
 STEP_RE = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)\.$")
 
@@ -159,10 +159,10 @@ def test_text_writer_rejects_too_many(tmp_path: Path) -> None:
 
 
 def test_jsonl_files_load_through_the_package(tmp_path: Path) -> None:
-    """The chat and text records are what rqat_deploy.data reads; the eval file what bench reads."""
-    from rqat_deploy.data import build_calibration, build_sft
-    from rqat_deploy.serve.datasets import load_eval_set
-    from rqat_deploy.tiny import build_tokenizer
+    """The chat and text records are what rqat_deploy.data.training reads; the eval file what bench reads."""
+    from rqat_deploy.data.training import build_calibration, build_sft
+    from rqat_deploy.data.evalset import load_eval_set
+    from rqat_deploy.builtin.tiny import build_tokenizer
 
     tok = build_tokenizer()
     reasoning = synth.write_reasoning_jsonl(tmp_path / "r.jsonl", 40, seed=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rqat_deploy.serve.thinking import (
+from rqat_deploy.data.thinking import (
     DEFAULT_RESTART_PATTERNS,
     analyze_response,
     count_restarts,

@@ -1,4 +1,4 @@
-"""Tests of the tiny local test models (rqat_deploy.tiny) and their session fixtures."""
+"""Tests of the tiny local test models (rqat_deploy.builtin.tiny) and their session fixtures."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rqat_deploy.errors import ConfigError
-from rqat_deploy.tiny import build_tiny_model, build_tokenizer, synthetic_corpus
+from rqat_deploy.builtin.tiny import build_tiny_model, build_tokenizer, synthetic_corpus
 
 # llama.cpp's hand-rewritten form of the Qwen2 pre-tokenizer regex (src/llama-vocab.cpp,
 # LLAMA_VOCAB_PRE_TYPE_QWEN2): an independent oracle for the pre-tokenizer Hugging Face runs.

@@ -1,4 +1,4 @@
-"""Tests of the built-in teacher (rqat_deploy.tiny_reasoner and its shipped asset)."""
+"""Tests of the built-in teacher (rqat_deploy.builtin.tiny_reasoner and its shipped asset)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rqat_deploy import synth
+from rqat_deploy.builtin import synth
 from rqat_deploy.errors import ConfigError, OutputExistsError
-from rqat_deploy.tiny import CHAT_TEMPLATE
-from rqat_deploy.tiny_reasoner import BuildConfig, build, evaluate
+from rqat_deploy.builtin.tiny import CHAT_TEMPLATE
+from rqat_deploy.builtin.tiny_reasoner import BuildConfig, build, evaluate
 
 ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rqat_deploy.stage2 as stage2_mod
+import rqat_deploy.train.stage2 as stage2_mod
 from rqat_deploy.errors import ConfigError, OutputExistsError
-from rqat_deploy.spec import QuantSpec
-from rqat_deploy.train import TrainConfig, run_train
+from rqat_deploy.quant.spec import QuantSpec
+from rqat_deploy.train.run import TrainConfig, run_train
 
 
 @pytest.fixture(scope="module")

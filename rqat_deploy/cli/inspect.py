@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rqat_deploy.checkpoint import read_checkpoint
+from rqat_deploy.quant.checkpoint import read_checkpoint
 
 
 def _dir_size(path: Path) -> int:

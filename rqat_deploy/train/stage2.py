@@ -1,8 +1,8 @@
 """Stage 2: end-to-end scale-only training with the teacher-guided reward-rectification loss.
 
 The student is a model in the ``stage2`` form (QuantLinear with frozen integer codes, e.g. from
-``rqat_deploy.checkpoint.load_model(path, form="stage2")`` or after stage 1 and
-:func:`rqat_deploy.surgery.freeze_codes`). Codes and zero points stay fixed; only the quantization
+``rqat_deploy.quant.checkpoint.load_model(path, form="stage2")`` or after stage 1 and
+:func:`rqat_deploy.quant.surgery.freeze_codes`). Codes and zero points stay fixed; only the quantization
 scales train (uniform: ``scale``; Q2_K: ``d``, ``dmin``; Q3_K: ``d``; optionally the integer k-quant
 sub-scales through straight-through rounding), plus any parameter named in ``extra_trainable``.
 
@@ -22,12 +22,12 @@ TensorBoard when installed).
 
 Multi-GPU (data parallel, PyTorch's own engine): launch one process per device with ``torchrun``::
 
-    torchrun --nproc_per_node 8 -m rqat_deploy.cli train --model Qwen/Qwen3-8B --bits 2 --device cuda --out q8b-int2
-    torchrun --nproc_per_node 8 -m rqat_deploy.cli train ... --resume     # after an interruption
+    torchrun --nproc_per_node 8 --no-python rqat-deploy train --model Qwen/Qwen3-8B --bits 2 --device cuda --out q8b-int2
+    torchrun --nproc_per_node 8 --no-python rqat-deploy train ... --resume     # after an interruption
 
-(``python -m rqat_deploy.cli`` is the ``rqat-deploy`` command; pass ``--device cuda``, never
-``cuda:N``: each process uses ``cuda:LOCAL_RANK``). :func:`rqat_deploy.train.run_train` opens the
-process group (:func:`rqat_deploy.distributed.init_distributed`: ``nccl`` on CUDA, ``gloo`` on
+(``torchrun -m rqat_deploy.cli`` works too; pass ``--device cuda``, never
+``cuda:N``: each process uses ``cuda:LOCAL_RANK``). :func:`rqat_deploy.train.run.run_train` opens the
+process group (:func:`rqat_deploy.train.distributed.init_distributed`: ``nccl`` on CUDA, ``gloo`` on
 CPU) and :func:`run_stage2` notices it by itself. What is distributed:
 
 * stage 2 only. The student is wrapped in :class:`torch.nn.parallel.DistributedDataParallel`,
@@ -71,12 +71,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rqat_deploy import distributed as dist_utils
-from rqat_deploy.data import SFTSet
+from rqat_deploy.train import distributed as dist_utils
+from rqat_deploy.data.training import SFTSet
 from rqat_deploy.errors import ConfigError, NonFiniteError, RqatError
-from rqat_deploy.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics
-from rqat_deploy.surgery import freeze_codes, quant_linears
-from rqat_deploy.teacher import Teacher, decoder_and_head
+from rqat_deploy.train.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics
+from rqat_deploy.quant.surgery import freeze_codes, quant_linears
+from rqat_deploy.train.teacher import Teacher, decoder_and_head
 
 STATE_FILE = "stage2_state.pt"
 METRICS_FILE = "stage2_metrics.jsonl"
@@ -97,7 +97,7 @@ class Stage2Config:
             models up to ~2B parameters, 1e-4 at 2 bits for larger ones.
         global_batch: samples per optimizer step (paper 64).
         micro_batch: samples per forward/backward (gradient accumulation over global/micro).
-        loss_terms: loss term set or preset (:mod:`rqat_deploy.losses`; paper ``R+S``).
+        loss_terms: loss term set or preset (:mod:`rqat_deploy.train.losses`; paper ``R+S``).
         alpha: weight of CE-type terms (paper 0.2).
         beta: weight of divergence terms (paper 1.0).
         top_k: teacher top-k (paper 20).
@@ -552,7 +552,7 @@ def run_stage2(
     Args:
         student: a causal LM in the ``stage2`` form, on its training device; modified in place.
         data: stage-2 samples; the last ``cfg.eval_samples`` are held out for evaluation.
-        teacher: a :class:`rqat_deploy.teacher.LiveTeacher` or :class:`rqat_deploy.teacher.CachedTeacher`.
+        teacher: a :class:`rqat_deploy.train.teacher.LiveTeacher` or :class:`rqat_deploy.train.teacher.CachedTeacher`.
         cfg: hyperparameters (``lr``/``epochs`` ``None`` = the paper's for this model).
         state_dir: directory for resumable state and metrics (``None``: nothing written).
         resume: continue from ``state_dir``'s state when there is one.

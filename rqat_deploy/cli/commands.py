@@ -47,7 +47,7 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     norm = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(norm) - known)
     if unknown:
-        from rqat_deploy.spec import did_you_mean
+        from rqat_deploy.quant.spec import did_you_mean
 
         hints = "; ".join(f"{k!r}{did_you_mean(k, sorted(known))}" for k in unknown)
         raise click.BadParameter(f"unknown keys in {value}: {hints}", param_hint="--config")
@@ -151,8 +151,8 @@ def train(ctx: click.Context, **kw: Any) -> None:
       rqat-deploy train --config run.toml --bits 3      # flags override the file
       rqat-deploy train --config run.toml --resume      # continue after Ctrl-C
     """
-    from rqat_deploy.spec import QuantSpec
-    from rqat_deploy.train import BUILTIN_PRESET, TrainConfig, run_train
+    from rqat_deploy.quant.spec import QuantSpec
+    from rqat_deploy.train.run import BUILTIN_PRESET, TrainConfig, run_train
 
     if kw["model"] is None:  # the built-in model: its own defaults where neither flag nor --config set one
         for name, value in BUILTIN_PRESET.items():
@@ -275,7 +275,7 @@ def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, l
         raise ConfigError("give at least one --model, or --responses FILE to grade existing answers")
     if compare and len(models) < 2:
         raise ConfigError("--compare needs two or more --model")
-    from rqat_deploy.synth import resolve_spec
+    from rqat_deploy.builtin.synth import resolve_spec
 
     report = run_bench(
         list(models), resolve_spec(dataset, "eval"), responses=responses, limit=limit, max_tokens=max_tokens, runtime=runtime,
@@ -307,7 +307,7 @@ def inspect(path: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2, default=str) if as_json else format_inspect(info))
         return
     else:
-        from rqat_deploy.summary import inspect_checkpoint
+        from rqat_deploy.cli.inspect import inspect_checkpoint
 
         info = inspect_checkpoint(path)
     if as_json:
@@ -351,7 +351,7 @@ def quickstart(out: str, bits: str, per_level: int, max_tokens: int, threads: in
       rqat-deploy quickstart --bits 3 --out qs3 --threads 2
       rqat-deploy quickstart --per-level 5 --calib-samples 32 --train-samples 128 --out smoke   # ~1 min
     """
-    from rqat_deploy.quickstart import QuickstartConfig, format_table, run_quickstart
+    from rqat_deploy.cli.quickstart import QuickstartConfig, format_table, run_quickstart
 
     cfg = QuickstartConfig(out=out, bits=int(bits), per_level=per_level, max_tokens=max_tokens, threads=threads,
                            calib_samples=calib_samples, train_samples=train_samples, speed=not no_speed, seed=seed,

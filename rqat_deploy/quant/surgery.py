@@ -14,8 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rqat_deploy.errors import ConfigError
-from rqat_deploy.qlinear import QuantLinear
-from rqat_deploy.spec import QuantSpec
+from rqat_deploy.quant.qlinear import QuantLinear
+from rqat_deploy.quant.spec import QuantSpec
 
 
 def _output_embedding(model: nn.Module) -> nn.Module | None:

@@ -138,7 +138,7 @@ def gold_final_answer(value: Any) -> str | None:
     Returns:
         The final answer string, or None for a missing / empty value.
     """
-    from rqat_deploy.serve.grading import last_boxed_content
+    from rqat_deploy.data.grading import last_boxed_content
 
     if value is None:
         return None

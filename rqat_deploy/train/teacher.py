@@ -1,13 +1,13 @@
 """The stage-2 teacher: live (the full-precision model runs beside the student) or cached on disk.
 
-Both give :class:`rqat_deploy.losses.TeacherTargets` for the completion tokens of a micro-batch,
+Both give :class:`rqat_deploy.train.losses.TeacherTargets` for the completion tokens of a micro-batch,
 in the order the student selects them (sample by sample, positions ascending)::
 
     teacher.targets(indices, input_ids, attention_mask, labels) -> TeacherTargets
 
 :class:`LiveTeacher` runs the teacher on each sample *alone*, trimmed to its own length (no padding),
 and computes log-softmax / top-k ``chunk_size`` tokens at a time. :meth:`CachedTeacher.build` runs
-exactly that computation once over a whole :class:`rqat_deploy.data.SFTSet` and stores, for every
+exactly that computation once over a whole :class:`rqat_deploy.data.training.SFTSet` and stores, for every
 completion token, the top-k ids (int32), their log-probabilities and the label's log-probability
 (float32, or float16 to halve the disk) as ``.npy`` files read back through memory maps. With
 float32 storage a cached teacher therefore returns bit-identical targets to the live one (and
@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from rqat_deploy.data import IGNORE_INDEX, SFTSet
+from rqat_deploy.data.training import IGNORE_INDEX, SFTSet
 from rqat_deploy.errors import ConfigError, DataError, ShapeError
-from rqat_deploy.losses import TeacherTargets
+from rqat_deploy.train.losses import TeacherTargets
 
 CACHE_FORMAT = 1
 META_FILE = "meta.json"

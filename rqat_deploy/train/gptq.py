@@ -7,15 +7,15 @@ Cholesky factor of ``H^-1`` (lazy batches of ``block_size`` columns). Grid param
 error-updated weights when a group starts, as GPTQ does with a group size:
 
 - uniform: min-max scale / zero point of each group of ``G`` columns
-  (:func:`rqat_deploy.reference.rtn_uniform_init`);
+  (:func:`rqat_deploy.quant.reference.rtn_uniform_init`);
 - kquant: llama.cpp's super-block parameters of each 256 columns from our k-quant search
-  (:func:`rqat_deploy.kquant.init_q2_k` / ``init_q3_k``), then codes column by column.
+  (:func:`rqat_deploy.quant.kquant.init_q2_k` / ``init_q3_k``), then codes column by column.
 
 ``act_order`` quantizes columns by decreasing ``diag(H)``; the groups must stay contiguous in the
 checkpoint formats, so the grid parameters are then computed up front from the original weight
 ("static groups").
 
-The result is a stage-1 :class:`~rqat_deploy.qlinear.QuantLinear` whose latent weight is the
+The result is a stage-1 :class:`~rqat_deploy.quant.qlinear.QuantLinear` whose latent weight is the
 dequantized GPTQ weight, so that :meth:`QuantLinear.codes` returns exactly GPTQ's codes (checked).
 """
 
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rqat_deploy import reference
-from rqat_deploy.activations import (
+from rqat_deploy.quant import reference
+from rqat_deploy.train.activations import (
     ActivationStore,
     LayerInputs,
     capture_layer_inputs,
@@ -45,10 +45,10 @@ from rqat_deploy.activations import (
     store_nbytes,
 )
 from rqat_deploy.errors import ConfigError, RqatError, ShapeError
-from rqat_deploy.qlinear import QuantLinear
-from rqat_deploy.quantizer import GridQuantizer, quantizer_class
-from rqat_deploy.spec import QuantSpec
-from rqat_deploy.surgery import _set_submodule, select_linears
+from rqat_deploy.quant.qlinear import QuantLinear
+from rqat_deploy.quant.quantizer import GridQuantizer, quantizer_class
+from rqat_deploy.quant.spec import QuantSpec
+from rqat_deploy.quant.surgery import _set_submodule, select_linears
 
 GroupParams = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -86,12 +86,12 @@ def _group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[dict[str, torch.Ten
         scale, zero = reference.rtn_uniform_init(w, spec.bits, spec.group_size)
         t = {"scales": scale, "zeros": zero}
     elif spec.bits == 2:
-        from rqat_deploy.kquant import init_q2_k
+        from rqat_deploy.quant.kquant import init_q2_k
 
         p = init_q2_k(w)
         t = {"d": p.d, "dmin": p.dmin, "sub_scales": p.sub_scales, "sub_mins": p.sub_mins}
     else:
-        from rqat_deploy.kquant import init_q3_k
+        from rqat_deploy.quant.kquant import init_q3_k
 
         p = init_q3_k(w)
         t = {"d": p.d, "sub_scales": p.sub_scales}

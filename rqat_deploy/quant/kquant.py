@@ -7,7 +7,7 @@ Two families of functions:
   matrix). They repeat ggml's float32 arithmetic step by step (same operation order, sequential
   sums over the 16 weights of a sub-block, ``nearest_int``'s ``12582912`` trick, fp16 rounding of
   ``d``/``dmin``), so ``d``, ``dmin`` and the sub-scales/sub-mins equal ggml's bytes. The codes are
-  re-derived with the training forward's rounding (:func:`rqat_deploy.reference.q2_k_codes`); they
+  re-derived with the training forward's rounding (:func:`rqat_deploy.quant.reference.q2_k_codes`); they
   equal ggml's wherever a sub-scale is non-zero (ggml keeps stale codes in a zero-scale sub-block,
   which decodes to the same value whatever its codes).
 - :func:`init_q2_k`, :func:`init_q3_k`: our search. Starting from the port, refine per-sub-block
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rqat_deploy import reference
+from rqat_deploy.quant import reference
 from rqat_deploy.errors import ConfigError, ShapeError
 
 QK_K = reference.QK_K  # 256 weights per super-block
@@ -580,7 +580,7 @@ def _fp16_val(x: torch.Tensor) -> torch.Tensor:
 def _codes(x3: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
     """Forward codes ``clamp(round((x + o)/s), lo, hi)``, 0 where ``s == 0``; ``[S, 16, 16]``.
 
-    Bit-identical to :func:`rqat_deploy.reference.quantize_codes` (minus the zero point): the
+    Bit-identical to :func:`rqat_deploy.quant.reference.quantize_codes` (minus the zero point): the
     divisor ``s + (s == 0)`` equals ``where(s != 0, s, 1)`` and multiplying by the 0/1 mask
     equals the ``where``.
     """

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from rqat_deploy import reference
+from rqat_deploy.quant import reference
 from rqat_deploy.errors import BackendError, ConfigError
 
 BACKENDS = ("auto", "triton", "reference")
@@ -60,7 +60,7 @@ def fake_quant(
     gs: int,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Stage-1 fake quantization with straight-through gradients (see :mod:`rqat_deploy.reference`).
+    """Stage-1 fake quantization with straight-through gradients (see :mod:`rqat_deploy.quant.reference`).
 
     Args:
         w: latent weight ``[R, K]``.

@@ -3,7 +3,7 @@
 Notation, per completion token ``t`` (prompt and padding never count), with label ``y_t``, student
 log-probabilities ``log q_t = log_softmax(student logits)`` over the full vocabulary, and the
 teacher's full-vocabulary log-probabilities ``log p_t`` of which the top ``k`` (``K_t``, k = 20) and
-the label's ``log p_t(y_t)`` are kept (live or from the cache of :mod:`rqat_deploy.teacher`)::
+the label's ``log p_t(y_t)`` are kept (live or from the cache of :mod:`rqat_deploy.train.teacher`)::
 
     CE_t = -log q_t(y_t)
 

@@ -1,19 +1,19 @@
 """The built-in teacher: a tiny Qwen3 trained on CPU to reason (a little) about synthetic problems.
 
-``python -m rqat_deploy.tiny_reasoner build --out DIR --seed 0`` rebuilds the model shipped in
-``rqat_deploy/assets/tiny-reasoner`` from nothing but this repository:
+``python -m rqat_deploy.builtin.tiny_reasoner build --out DIR --seed 0`` rebuilds the model shipped in
+``rqat_deploy/builtin/assets/tiny-reasoner`` from nothing but this repository:
 
-1. data: train-split reasoning problems of :mod:`rqat_deploy.synth` rendered with the chat template
+1. data: train-split reasoning problems of :mod:`rqat_deploy.builtin.synth` rendered with the chat template
    (question + the benchmark's instruction as the user turn; ``<think>`` trace and ``\\boxed{}``
-   answer as the assistant turn) and general English text (:func:`rqat_deploy.synth.general_texts`);
+   answer as the assistant turn) and general English text (:func:`rqat_deploy.builtin.synth.general_texts`);
 2. a byte-level BPE tokenizer trained on that corpus, with the pipeline, special tokens and chat
-   template of :mod:`rqat_deploy.tiny` (Qwen2/Qwen3's);
+   template of :mod:`rqat_deploy.builtin.tiny` (Qwen2/Qwen3's);
 3. a Qwen3 (hidden 256, 4 layers, 4 query / 2 key-value heads of 64, intermediate 768, tied
    embeddings: every decoder Linear input is a multiple of 256, so llama.cpp k-quants apply)
    trained from scratch with AdamW on a fixed number of steps: reasoning rows (loss on the
    completion only) mixed with general-text rows (loss on every token);
 4. saved in float16 safetensors, then evaluated greedily (transformers ``generate`` +
-   :mod:`rqat_deploy.serve.grading`) on held-out problems; seed, steps, times and accuracy per
+   :mod:`rqat_deploy.data.grading`) on held-out problems; seed, steps, times and accuracy per
    level go to ``TRAINING.json`` / ``TRAINING.md`` beside the weights.
 
 Training runs on ``--threads`` CPU threads (default 1) and is deterministic for a given seed,
@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from rqat_deploy import synth
+from rqat_deploy.builtin import synth
 from rqat_deploy.errors import ConfigError, OutputExistsError
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class BuildConfig:
         threads: torch CPU threads.
         eval_per_level: held-out problems per level for the final evaluation (0: no evaluation).
         eval_max_new_tokens: generation budget of the evaluation.
-        eval_seed: seed of the held-out problems (that of :func:`rqat_deploy.synth.default_data`).
+        eval_seed: seed of the held-out problems (that of :func:`rqat_deploy.builtin.synth.default_data`).
         eval_every: also evaluate 10 problems per level every this many steps (0: never; progress
             monitoring only, it does not change the model).
         levels: the problem levels trained and evaluated.
@@ -112,8 +112,8 @@ class BuildConfig:
 
 
 def _render(tokenizer_or_template: Any, problem: synth.Problem) -> tuple[str, str]:
-    """(prompt, completion) of a problem through the chat template (as ``rqat_deploy.data`` renders it)."""
-    from rqat_deploy.data import render_chat
+    """(prompt, completion) of a problem through the chat template (as ``rqat_deploy.data.training`` renders it)."""
+    from rqat_deploy.data.training import render_chat
 
     rendered = render_chat(tokenizer_or_template, synth.problem_messages(problem))
     return rendered.prompt, rendered.completion
@@ -129,7 +129,7 @@ def build_tokenizer(out_dir: Path, texts: Sequence[str], vocab_size: int) -> Pre
     """Train the byte-level BPE on ``texts`` and write ``tokenizer.json`` + ``tokenizer_config.json``.
 
     The pipeline, added tokens (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ``<think>``,
-    ``</think>``, the last five ids) and chat template are those of :mod:`rqat_deploy.tiny`; the
+    ``</think>``, the last five ids) and chat template are those of :mod:`rqat_deploy.builtin.tiny`; the
     added tokens never take part in merges (they are split out of the corpus first).
 
     Args:
@@ -147,7 +147,7 @@ def build_tokenizer(out_dir: Path, texts: Sequence[str], vocab_size: int) -> Pre
     from tokenizers import pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer
 
-    from rqat_deploy.tiny import QWEN2_PRETOKENIZE_REGEX, SPECIAL_TOKENS, THINK_TOKENS, _tokenizer_config
+    from rqat_deploy.builtin.tiny import QWEN2_PRETOKENIZE_REGEX, SPECIAL_TOKENS, THINK_TOKENS, _tokenizer_config
 
     added = SPECIAL_TOKENS + THINK_TOKENS
     tok = Tokenizer(models.BPE(dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -370,12 +370,12 @@ def evaluate(
     model: Any = None,
     tokenizer: Any = None,
 ) -> dict[str, Any]:
-    """Greedy held-out accuracy of a model directory, graded with :mod:`rqat_deploy.serve.grading`.
+    """Greedy held-out accuracy of a model directory, graded with :mod:`rqat_deploy.data.grading`.
 
     Args:
         model_dir: the model (loaded in float32 unless ``model`` is given).
         problems: the problems; default ``per_level`` distinct held-out problems per level drawn
-            with ``seed`` (the first rows of :func:`rqat_deploy.synth.write_eval_jsonl` with that seed).
+            with ``seed`` (the first rows of :func:`rqat_deploy.builtin.synth.write_eval_jsonl` with that seed).
         per_level: see ``problems``.
         seed: see ``problems``.
         levels: see ``problems``.
@@ -391,7 +391,7 @@ def evaluate(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rqat_deploy.serve.grading import grade_response
+    from rqat_deploy.data.grading import grade_response
 
     if problems is None:
         problems = [
@@ -470,9 +470,9 @@ def _training_md(meta: dict[str, Any]) -> str:
     lines = [
         "# tiny-reasoner",
         "",
-        "A tiny Qwen3 trained from scratch on CPU by `python -m rqat_deploy.tiny_reasoner build "
+        "A tiny Qwen3 trained from scratch on CPU by `python -m rqat_deploy.builtin.tiny_reasoner build "
         f"--out DIR --seed {meta['config']['seed']}` on the synthetic reasoning problems of "
-        "`rqat_deploy.synth` (`<think>` trace, `\\boxed{}` answer) mixed with general English text "
+        "`rqat_deploy.builtin.synth` (`<think>` trace, `\\boxed{}` answer) mixed with general English text "
         f"({meta['general_text_source']}).",
         "",
         f"- parameters: {meta['parameters']:,} ({meta['weights_dtype']} safetensors, "
@@ -592,7 +592,7 @@ def build(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``build --out DIR [--seed S] [--steps N] [--threads T] [--force]`` or ``eval --model DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m rqat_deploy.tiny_reasoner", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rqat_deploy.builtin.tiny_reasoner", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="train the tiny reasoner")
     b.add_argument("--out", required=True)

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rqat_deploy import backend, reference
-from rqat_deploy.quantizer import GridQuantizer, quantizer_class
-from rqat_deploy.spec import QuantSpec
+from rqat_deploy.quant import backend
+from rqat_deploy.quant import reference
+from rqat_deploy.quant.quantizer import GridQuantizer, quantizer_class
+from rqat_deploy.quant.spec import QuantSpec
 
 
 class QuantLinear(nn.Module):

@@ -9,7 +9,7 @@ One call does what a user of the toolkit does with a real model::
 The quantized models use the default spec (uniform int2, group 128) and are written to GGUF as Q4_0,
 which holds uniform int2 codes exactly, so llama.cpp runs the trained weights bit for bit; the
 teacher is written as F16. The held-out problems are drawn from the split the teacher and the
-training data never saw (:mod:`rqat_deploy.synth`).
+training data never saw (:mod:`rqat_deploy.builtin.synth`).
 
 Outputs under ``out``: ``rtn-int2/`` and ``rqat-int2/`` (checkpoints), ``*.gguf``,
 ``heldout.jsonl``, ``bench/`` (``report.json``, ``report.md``, plots, responses) and
@@ -45,7 +45,7 @@ class QuickstartConfig:
             saves, 334 vs ~3,600 decode tok/s measured on two cores).
         calib_samples, calib_seq_len, train_samples, train_seq_len, stage1_epochs, stage2_lr,
             global_batch: training settings; None = the built-in model's defaults
-            (:data:`rqat_deploy.train.BUILTIN_PRESET`). Smaller values make a smoke run.
+            (:data:`rqat_deploy.train.run.BUILTIN_PRESET`). Smaller values make a smoke run.
         speed: also run the fixed-length decode-speed measurement.
         seed: training seed.
         force: replace an existing ``out``.
@@ -74,8 +74,8 @@ class QuickstartConfig:
             raise ConfigError("per_level must be >= 1 and max_tokens >= 16")
 
     def train_overrides(self) -> dict[str, Any]:
-        """:class:`~rqat_deploy.train.TrainConfig` fields: the built-in preset, then the fields set here."""
-        from rqat_deploy.train import BUILTIN_PRESET
+        """:class:`~rqat_deploy.train.run.TrainConfig` fields: the built-in preset, then the fields set here."""
+        from rqat_deploy.train.run import BUILTIN_PRESET
 
         mine = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         keys = set(BUILTIN_PRESET) | {"stage1_epochs"}
@@ -108,12 +108,12 @@ def run_quickstart(cfg: QuickstartConfig, *, progress: bool = True) -> dict[str,
 
     import torch
 
-    from rqat_deploy import synth
+    from rqat_deploy.builtin import synth
     from rqat_deploy.exporters.gguf import export_gguf
     from rqat_deploy.serve.bench import run_bench
     from rqat_deploy.serve.report import atomic_write_text
-    from rqat_deploy.spec import QuantSpec
-    from rqat_deploy.train import TrainConfig, run_train
+    from rqat_deploy.quant.spec import QuantSpec
+    from rqat_deploy.train.run import TrainConfig, run_train
 
     if importlib.util.find_spec("llama_cpp") is None:  # fail before minutes of training, not after
         raise BackendError('quickstart runs the models in llama.cpp: pip install -e ".[llamacpp]" (see README)')

@@ -1,7 +1,7 @@
 """Offline synthetic data: small reasoning problems with ``<think>`` traces, and general English text.
 
 Everything here is deterministic and needs neither the Hub nor a network, so the toolkit can
-demonstrate itself on a laptop (the built-in teacher :mod:`rqat_deploy.tiny_reasoner` is trained
+demonstrate itself on a laptop (the built-in teacher :mod:`rqat_deploy.builtin.tiny_reasoner` is trained
 on it, and :func:`default_data` feeds ``rqat-deploy train`` / ``bench`` when no data is given).
 
 **Reasoning problems** (:func:`make_problem`, :func:`generate_problems`) are chains of integer
@@ -26,8 +26,8 @@ doctest examples and code-like lines removed. The text therefore depends on the 
 when the standard library sources are missing it falls back to generated English sentences.
 
 Writers produce the formats the rest of the package reads: ``messages`` chat records and ``text``
-records for :mod:`rqat_deploy.data` (``--calib`` / ``--train-data``), and ``question`` /
-``answer`` records for :mod:`rqat_deploy.serve.datasets` (``rqat-deploy bench --dataset``).
+records for :mod:`rqat_deploy.data.training` (``--calib`` / ``--train-data``), and ``question`` /
+``answer`` records for :mod:`rqat_deploy.data.evalset` (``rqat-deploy bench --dataset``).
 """
 
 from __future__ import annotations
@@ -594,7 +594,7 @@ def write_reasoning_jsonl(
 ) -> Path:
     """Write ``n`` reasoning problems as chat records (``{"messages": [...], "level", "family", "answer"}``).
 
-    The records are what :mod:`rqat_deploy.data` reads as OpenAI-style conversations: a user turn
+    The records are what :mod:`rqat_deploy.data.training` reads as OpenAI-style conversations: a user turn
     (question + instruction) and an assistant turn with the inline ``<think>`` trace.
 
     Args:
@@ -684,20 +684,20 @@ DataKind = Literal["calib", "train", "eval"]
 
 
 def default_model_dir() -> Path:
-    """The built-in teacher shipped with the package (:mod:`rqat_deploy.tiny_reasoner`).
+    """The built-in teacher shipped with the package (:mod:`rqat_deploy.builtin.tiny_reasoner`).
 
     Returns:
         The directory holding its ``config.json``, ``model.safetensors`` and tokenizer files.
 
     Raises:
         ConfigError: the asset is missing (a source checkout without it, or a wheel built without
-            package data); rebuild it with ``python -m rqat_deploy.tiny_reasoner build --out DIR``.
+            package data); rebuild it with ``python -m rqat_deploy.builtin.tiny_reasoner build --out DIR``.
     """
     path = Path(__file__).resolve().parent / "assets" / "tiny-reasoner"
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise ConfigError(
             f"the built-in model is missing from {path}; rebuild it with "
-            "`python -m rqat_deploy.tiny_reasoner build --out DIR` and pass --model DIR"
+            "`python -m rqat_deploy.builtin.tiny_reasoner build --out DIR` and pass --model DIR"
         )
     return path
 

@@ -4,7 +4,7 @@ For each decoder block ``k`` in turn:
 
 1. targets: the full-precision block applied to the full-precision inputs (the FP model's own
    hidden states, as in the authors' code), written in place over the FP inputs;
-2. the block's selected Linears become stage-1 :class:`~rqat_deploy.qlinear.QuantLinear` modules
+2. the block's selected Linears become stage-1 :class:`~rqat_deploy.quant.qlinear.QuantLinear` modules
    (RTN / k-quant search start);
 3. the latent weights and the quantization parameters train together (two AdamW parameter groups,
    cosine schedule to ``lr / min_lr_factor``) to minimise the MSE between the quantized block's
@@ -15,7 +15,7 @@ For each decoder block ``k`` in turn:
    place by its outputs.
 
 Two activation stores (FP stream, student stream) ``[N, L, H]`` live in RAM or on disk
-(:mod:`rqat_deploy.activations`). An interrupted run resumes at the next unfinished block with the
+(:mod:`rqat_deploy.train.activations`). An interrupted run resumes at the next unfinished block with the
 same result: the trained blocks are reloaded and, unless the disk stores are known to be complete,
 both activation streams are recomputed through the finished blocks with the same batches.
 
@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from rqat_deploy.activations import (
+from rqat_deploy.train.activations import (
     ActivationStore,
     LayerInputs,
     capture_layer_inputs,
@@ -58,10 +58,10 @@ from rqat_deploy.activations import (
     write_json_atomic,
 )
 from rqat_deploy.errors import CheckpointError, ConfigError, NonFiniteError, ShapeError
-from rqat_deploy.qlinear import QuantLinear
-from rqat_deploy.quantizer import checkpoint_layout, quantizer_class
-from rqat_deploy.spec import QuantSpec
-from rqat_deploy.surgery import _set_submodule, select_linears
+from rqat_deploy.quant.qlinear import QuantLinear
+from rqat_deploy.quant.quantizer import checkpoint_layout, quantizer_class
+from rqat_deploy.quant.spec import QuantSpec
+from rqat_deploy.quant.surgery import _set_submodule, select_linears
 
 STATE_VERSION = 1
 STAGE_DIR = "stage1"
@@ -636,7 +636,7 @@ def run_stage1(
     Returns:
         The :class:`Stage1Report`. ``model`` now holds stage-1 QuantLinears in every block (and
         RTN ones for selected Linears outside the blocks), ready for
-        :func:`rqat_deploy.checkpoint.save_checkpoint` or :func:`rqat_deploy.surgery.freeze_codes`.
+        :func:`rqat_deploy.quant.checkpoint.save_checkpoint` or :func:`rqat_deploy.quant.surgery.freeze_codes`.
         The decoder blocks' parameters are left with ``requires_grad=False`` (the next stage
         chooses what trains); QuantLinears stay float32, the other parameters keep the model's dtype.
 

@@ -1,7 +1,7 @@
 """Per-weight quantizers: the trainable parameters of each grid and their effective group form.
 
 A quantizer owns the quantization parameters of one ``[out, in]`` weight and turns them into the
-per-group ``(s, z, o)`` of the unified form (:mod:`rqat_deploy.reference`), with straight-through
+per-group ``(s, z, o)`` of the unified form (:mod:`rqat_deploy.quant.reference`), with straight-through
 fp16 rounding of scales and straight-through rounding of integer parameters:
 
 | grid    | trainable parameters (fp32 latents)                | checkpoint tensors (DESIGN.md 3)           |
@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rqat_deploy import reference
+from rqat_deploy.quant import reference
 from rqat_deploy.errors import CheckpointError
-from rqat_deploy.reference import K_SUB, MIN_SCALE, QK_K, expand_groups, fp16_ste, round_ste
-from rqat_deploy.spec import QuantSpec
+from rqat_deploy.quant.reference import K_SUB, MIN_SCALE, QK_K, expand_groups, fp16_ste, round_ste
+from rqat_deploy.quant.spec import QuantSpec
 
 FP16_MAX = 65504.0
 GroupParams = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -92,8 +92,8 @@ class Q2KQuantizer(GridQuantizer):
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, spec: QuantSpec) -> "Q2KQuantizer":
-        """Initialise with the k-quant search (:func:`rqat_deploy.kquant.init_q2_k`)."""
-        from rqat_deploy.kquant import init_q2_k
+        """Initialise with the k-quant search (:func:`rqat_deploy.quant.kquant.init_q2_k`)."""
+        from rqat_deploy.quant.kquant import init_q2_k
 
         p = init_q2_k(w.detach().float())
         return cls(p.d, p.dmin, p.sub_scales, p.sub_mins)
@@ -133,8 +133,8 @@ class Q3KQuantizer(GridQuantizer):
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, spec: QuantSpec) -> "Q3KQuantizer":
-        """Initialise with the k-quant search (:func:`rqat_deploy.kquant.init_q3_k`)."""
-        from rqat_deploy.kquant import init_q3_k
+        """Initialise with the k-quant search (:func:`rqat_deploy.quant.kquant.init_q3_k`)."""
+        from rqat_deploy.quant.kquant import init_q3_k
 
         p = init_q3_k(w.detach().float())
         return cls(p.d, p.sub_scales)

@@ -3,7 +3,7 @@
 Data-parallel stage 2 runs under PyTorch's own launcher and engine: ``torchrun`` starts one process
 per device and sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 :func:`init_distributed` reads them and opens the default process group (``nccl`` on CUDA, ``gloo``
-on CPU); :mod:`rqat_deploy.stage2` then wraps the student in
+on CPU); :mod:`rqat_deploy.train.stage2` then wraps the student in
 :class:`torch.nn.parallel.DistributedDataParallel`. Nothing here moves tensors between processes
 by itself beyond thin wrappers over ``torch.distributed`` collectives.
 

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rqat_deploy.errors import CheckpointError, ConfigError, OutputExistsError
-from rqat_deploy.quantizer import checkpoint_layout, dequantize_tensors
-from rqat_deploy.spec import QK_K, QuantSpec
+from rqat_deploy.quant.quantizer import checkpoint_layout, dequantize_tensors
+from rqat_deploy.quant.spec import QK_K, QuantSpec
 
 FORMAT_VERSION = 1
 QUANT_FILE = "rqat_quant.json"
@@ -337,7 +337,7 @@ def checkpoint_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[st
     Returns:
         ``(tensors, quantized module names)``; tied parameters appear once.
     """
-    from rqat_deploy.surgery import quant_linears
+    from rqat_deploy.quant.surgery import quant_linears
 
     state: dict[str, torch.Tensor] = {}
     modules = []
@@ -387,7 +387,7 @@ def save_checkpoint(
     The directory is written under a temporary name and renamed when complete.
 
     Args:
-        model: a Hugging Face causal LM after :func:`rqat_deploy.surgery.prepare_model`.
+        model: a Hugging Face causal LM after :func:`rqat_deploy.quant.surgery.prepare_model`.
         out_dir: the checkpoint directory.
         tokenizer: saved beside the model (with its chat template) when given.
         base_model: Hub id or path of the full-precision model.
@@ -402,7 +402,7 @@ def save_checkpoint(
         OutputExistsError: ``out_dir`` exists and ``force`` is false.
         CheckpointError: the model has no quantized module, or mixes specs.
     """
-    from rqat_deploy.surgery import quant_linears
+    from rqat_deploy.quant.surgery import quant_linears
 
     out = Path(out_dir)
     specs = {mod.spec for _, mod in quant_linears(model)}
@@ -463,8 +463,8 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from rqat_deploy.qlinear import QuantLinear
-    from rqat_deploy.surgery import _set_submodule
+    from rqat_deploy.quant.qlinear import QuantLinear
+    from rqat_deploy.quant.surgery import _set_submodule
 
     if form not in ("dequantized", "stage2"):
         raise ConfigError(f"form must be 'dequantized' or 'stage2', got {form!r}")

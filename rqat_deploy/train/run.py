@@ -32,7 +32,7 @@ from typing import Any
 
 from rqat_deploy import __version__
 from rqat_deploy.errors import ConfigError, OutputExistsError
-from rqat_deploy.spec import QuantSpec, did_you_mean
+from rqat_deploy.quant.spec import QuantSpec, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ class Recipe:
     Attributes:
         name: the recipe name.
         init: ``rtn`` | ``gptq`` | ``stage1``.
-        loss: stage-2 loss terms (:mod:`rqat_deploy.losses`), or ``None`` for no stage 2.
-        stage2: further :class:`~rqat_deploy.stage2.Stage2Config` overrides.
+        loss: stage-2 loss terms (:mod:`rqat_deploy.train.losses`), or ``None`` for no stage 2.
+        stage2: further :class:`~rqat_deploy.train.stage2.Stage2Config` overrides.
         train_seq_len: stage-2 sequence length override (the released code truncates at 1,024).
     """
 
@@ -88,8 +88,8 @@ class TrainConfig:
 
     Attributes:
         model: Hub id or local directory of the full-precision model; ``None`` = the built-in tiny
-            reasoner (:func:`rqat_deploy.synth.default_model_dir`), whose default data is the
-            built-in synthetic data (:func:`rqat_deploy.synth.default_data`).
+            reasoner (:func:`rqat_deploy.builtin.synth.default_model_dir`), whose default data is the
+            built-in synthetic data (:func:`rqat_deploy.builtin.synth.default_data`).
         out: checkpoint directory to write.
         recipe: one of :data:`RECIPES`.
         quant: the quantization spec.
@@ -170,21 +170,21 @@ class TrainConfig:
         """``model``, or the built-in tiny reasoner's directory."""
         if self.model is not None:
             return self.model
-        from rqat_deploy.synth import default_model_dir
+        from rqat_deploy.builtin.synth import default_model_dir
 
         return str(default_model_dir())
 
     def calib_spec(self) -> str:
         """``calib`` (``builtin``: the built-in files), else the 80/20 default (built-in for the built-in model)."""
-        from rqat_deploy.data import DEFAULT_CALIB_SPEC
-        from rqat_deploy.synth import BUILTIN, resolve_spec
+        from rqat_deploy.data.training import DEFAULT_CALIB_SPEC
+        from rqat_deploy.builtin.synth import BUILTIN, resolve_spec
 
         return resolve_spec(self.calib, "calib", BUILTIN if self.model is None else DEFAULT_CALIB_SPEC)
 
     def train_spec(self) -> str:
         """``train_data`` (``builtin``: the built-in traces), else the default traces (built-in for the built-in model)."""
-        from rqat_deploy.data import DEFAULT_TRAIN_SPEC
-        from rqat_deploy.synth import BUILTIN, resolve_spec
+        from rqat_deploy.data.training import DEFAULT_TRAIN_SPEC
+        from rqat_deploy.builtin.synth import BUILTIN, resolve_spec
 
         return resolve_spec(self.train_data, "train", BUILTIN if self.model is None else DEFAULT_TRAIN_SPEC)
 
@@ -229,7 +229,7 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) one process runs per device: rank 0
     alone initialises (stage 1 / GPTQ / RTN), builds the teacher cache and writes every file, the
     others wait and then load its results; stage 2 trains data-parallel on all of them
-    (:mod:`rqat_deploy.stage2`).
+    (:mod:`rqat_deploy.train.stage2`).
 
     Args:
         cfg: the resolved training configuration.
@@ -243,7 +243,7 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         ModelLoadError: the model cannot be loaded.
         DataError: calibration or training data cannot be built.
     """
-    from rqat_deploy import distributed as dist_utils
+    from rqat_deploy.train import distributed as dist_utils
 
     if Path(cfg.out).exists() and not cfg.force:
         raise OutputExistsError(f"{cfg.out} already exists: choose another --out or pass --force to overwrite it")
@@ -259,10 +259,10 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> Path:
 def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
     import torch
 
-    from rqat_deploy import distributed as dist_utils
-    from rqat_deploy.checkpoint import save_checkpoint
+    from rqat_deploy.train import distributed as dist_utils
+    from rqat_deploy.quant.checkpoint import save_checkpoint
     from rqat_deploy.models import load_hf_model
-    from rqat_deploy.surgery import prepare_model
+    from rqat_deploy.quant.surgery import prepare_model
 
     out, plan = Path(cfg.out), cfg.plan  # --out was checked by run_train
     torch.manual_seed(cfg.seed)
@@ -301,10 +301,10 @@ def _grid_key(spec: QuantSpec) -> tuple[int, str, int]:
 
 def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> Any:
     """Stage 1 or GPTQ on a copy of ``teacher``; the result is saved in the work dir for resume."""
-    from rqat_deploy import distributed as dist_utils
-    from rqat_deploy.checkpoint import load_model, save_checkpoint
-    from rqat_deploy.checkpoint import read_checkpoint
-    from rqat_deploy.data import build_calibration
+    from rqat_deploy.train import distributed as dist_utils
+    from rqat_deploy.quant.checkpoint import load_model, save_checkpoint
+    from rqat_deploy.quant.checkpoint import read_checkpoint
+    from rqat_deploy.data.training import build_calibration
 
     init_ckpt = cfg.work_path / "init"
     if cfg.init_from is not None:  # a finished initialisation to share between stage-2 runs
@@ -335,12 +335,12 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
     reports["calibration"] = calib.report
     student = copy.deepcopy(teacher)
     if cfg.plan.init == "gptq":
-        from rqat_deploy.gptq import run_gptq
+        from rqat_deploy.train.gptq import run_gptq
 
         rep = run_gptq(student, cfg.quant, calib.input_ids, device=cfg.device, work_dir=cfg.work_path / "gptq",
                        progress=progress, backend=cfg.backend)
     else:
-        from rqat_deploy.stage1 import Stage1Config, run_stage1
+        from rqat_deploy.train.stage1 import Stage1Config, run_stage1
 
         s1 = Stage1Config(epochs=cfg.stage1_epochs, seed=cfg.seed, val_samples=min(64, max(1, cfg.calib_samples // 8)))
         rep = run_stage1(student, cfg.quant, calib.input_ids, s1, work_dir=cfg.work_path / "stage1", device=cfg.device,
@@ -354,11 +354,11 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
 
 def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> dict[str, Any]:
     """Scale-only end-to-end training of ``student`` against ``teacher``."""
-    from rqat_deploy import distributed as dist_utils
-    from rqat_deploy.data import build_sft
-    from rqat_deploy.stage2 import Stage2Config, run_stage2
-    from rqat_deploy.surgery import freeze_codes
-    from rqat_deploy.teacher import CachedTeacher, LiveTeacher
+    from rqat_deploy.train import distributed as dist_utils
+    from rqat_deploy.data.training import build_sft
+    from rqat_deploy.train.stage2 import Stage2Config, run_stage2
+    from rqat_deploy.quant.surgery import freeze_codes
+    from rqat_deploy.train.teacher import CachedTeacher, LiveTeacher
 
     plan = cfg.plan
     seq_len = min(cfg.train_seq_len, plan.train_seq_len or cfg.train_seq_len)
