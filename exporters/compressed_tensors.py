@@ -34,19 +34,17 @@ import torch
 from rqat_deploy.errors import ExportError
 from rqat_deploy.exporters.packing import pack_bits
 from rqat_deploy.exporters.safetensors_io import (
-    DEFAULT_MAX_SHARD_BYTES,
     REPORT_FILE,
     ExportReport,
-    SafetensorsDir,
     check_out_dir,
     linear_module_names,
     list_files,
     open_uniform_checkpoint,
-    staged_output,
     verify_float_tensors,
     write_export,
-    write_json,
 )
+from rqat_deploy.files import atomic_write_json, staged_dir
+from rqat_deploy.shards import DEFAULT_MAX_SHARD_BYTES, SafetensorsDir
 
 FORMAT = "compressed-tensors"
 PACK_FORMAT = "pack-quantized"
@@ -237,7 +235,7 @@ def export_compressed_tensors(
         out_features[m] = t["qcodes"].shape[0]
         return pack_module(t, bits)
 
-    with staged_output(out, force) as tmp:
+    with staged_dir(out, force) as tmp:
         shards = write_export(ckpt, tmp, module_tensors, qconfig, max_shard_bytes)
         report = ExportReport(
             format=FORMAT, out_dir=str(out), bits=bits, group_size=group, modules=len(quantized), ignored=ignore,
@@ -252,7 +250,7 @@ def export_compressed_tensors(
             report.runtime_max_rel_error = errors["runtime_max_rel_error"]
         files, size = list_files(tmp)
         report.files, report.total_bytes = files + [REPORT_FILE], size
-        write_json(tmp / REPORT_FILE, report.to_json())
+        atomic_write_json(tmp / REPORT_FILE, report.to_json())
     return report
 
 

@@ -29,7 +29,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rqat_deploy.errors import CheckpointError, ConfigError, ExportError, OutputExistsError
+from rqat_deploy.errors import CheckpointError, ConfigError, ExportError
+from rqat_deploy.files import check_output, staged_file
 from rqat_deploy.exporters import gguf_quants as gq
 
 __all__ = [
@@ -255,9 +256,7 @@ def export_gguf(
     from rqat_deploy.quant.checkpoint import QUANT_FILE, read_checkpoint, read_float_model
 
     t0 = time.perf_counter()
-    out = Path(out_path)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists: choose another --out or pass --force to overwrite it")
+    out = check_output(out_path, force)
     if out.exists() and out.is_dir():
         raise ExportError(f"{out} is a directory; give a file path ending in .gguf")
     embed_type = embed_type.upper()
@@ -272,13 +271,11 @@ def export_gguf(
     meta = ckpt.meta
     arch = _arch_of(ckpt.config)
     vocab = _read_vocab(ckpt.path, ckpt.config, tokenizer_pre)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     report = ExportReport(
         path=str(out), arch=arch, gguf_type=qtype, embed_type=embed_type,
         bits=meta.bits, grid=meta.grid, group_size=meta.group_size,
     )
-    try:
+    with staged_file(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
         n_blocks = int(ckpt.config["num_hidden_layers"])
         name_map = gguf.get_tensor_name_map(_arch_enum(arch), n_blocks)
@@ -299,10 +296,6 @@ def export_gguf(
         if verify:
             _verify(tmp, ckpt, report, arch, name_map)
             report.verified = True
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     report.file_size = out.stat().st_size
     report.bits_per_weight = _bits_per_weight(report, out)
     report.seconds = round(time.perf_counter() - t0, 3)

@@ -39,19 +39,17 @@ from rqat_deploy import __version__
 from rqat_deploy.errors import ConfigError, ExportError, ShapeError
 from rqat_deploy.exporters.packing import pack_bits
 from rqat_deploy.exporters.safetensors_io import (
-    DEFAULT_MAX_SHARD_BYTES,
     REPORT_FILE,
     ExportReport,
-    SafetensorsDir,
     check_out_dir,
     linear_module_names,
     list_files,
     open_uniform_checkpoint,
-    staged_output,
     verify_float_tensors,
     write_export,
-    write_json,
 )
+from rqat_deploy.files import atomic_write_json, staged_dir
+from rqat_deploy.shards import DEFAULT_MAX_SHARD_BYTES, SafetensorsDir
 
 FORMAT = "gptq"
 CHECKPOINT_FORMATS = {"v2": "gptq_v2", "v1": "gptq"}
@@ -252,7 +250,7 @@ def export_gptq(
     unquantized = [n for n in linear_module_names(ckpt.path) if n not in quantized]
     fmt = CHECKPOINT_FORMATS[zero_point]
     qconfig = quantization_config(bits, group, fmt, "lm_head" in quantized, unquantized)
-    with staged_output(out, force) as tmp:
+    with staged_dir(out, force) as tmp:
         shards = write_export(
             ckpt, tmp, lambda _m, t: gptq_module(t, bits, group, zero_point), qconfig, max_shard_bytes,
             extra_json={QUANTIZE_CONFIG_FILE: {k: v for k, v in qconfig.items() if k != "quant_method"}},
@@ -274,7 +272,7 @@ def export_gptq(
             report.runtime_max_rel_error = errors["runtime_max_rel_error"]
         files, size = list_files(tmp)
         report.files, report.total_bytes = files + [REPORT_FILE], size
-        write_json(tmp / REPORT_FILE, report.to_json())
+        atomic_write_json(tmp / REPORT_FILE, report.to_json())
     return report
 
 

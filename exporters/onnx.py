@@ -390,10 +390,10 @@ def _staged(out_dir: str | os.PathLike[str], ckpt_path: Path, force: bool) -> It
         ExportError: ``out_dir`` overlaps the checkpoint.
         OutputExistsError: ``out_dir`` exists and ``force`` is false.
     """
-    from rqat_deploy.quant.checkpoint import staged_output_dir
     from rqat_deploy.exporters.safetensors_io import check_out_dir
+    from rqat_deploy.files import staged_dir
 
-    with staged_output_dir(check_out_dir(ckpt_path, out_dir), force) as tmp:
+    with staged_dir(check_out_dir(ckpt_path, out_dir), force) as tmp:
         yield tmp
 
 

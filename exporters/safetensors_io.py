@@ -1,10 +1,6 @@
-"""Shared plumbing of the safetensors exporters: the export report, a streaming sharded writer,
-staged (temporary-sibling-then-rename) output directories, and reading the written files back.
-
-The writer follows Hugging Face's layout: one ``model.safetensors`` when everything fits in one
-shard, else ``model-00001-of-0000N.safetensors`` ... plus ``model.safetensors.index.json``
-(``{"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}``), which transformers and
-vLLM both read.
+"""Shared plumbing of the safetensors exporters (compressed-tensors, GPTQ): the export report, the
+output-directory checks and the export driver. Shards are written and read with
+:mod:`rqat_deploy.shards`, directories staged with :func:`rqat_deploy.files.staged_dir`.
 """
 
 from __future__ import annotations
@@ -16,19 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from rqat_deploy.quant.checkpoint import staged_output_dir
 from rqat_deploy.errors import ExportError
+from rqat_deploy.files import atomic_write_json
+from rqat_deploy.shards import SafetensorsDir, ShardedWriter
 
 if TYPE_CHECKING:
     from rqat_deploy.quant.checkpoint import QuantizedCheckpoint
 
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 REPORT_FILE = "rqat_export.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default "5GB"
 
 
 @dataclass
@@ -82,105 +74,6 @@ class ExportReport:
         )
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Storage size of a tensor in bytes."""
-    return t.numel() * t.element_size()
-
-
-class ShardedWriter:
-    """Stream tensors into safetensors shards of at most ``max_shard_bytes`` each.
-
-    Tensors are buffered until the next one would overflow the shard, then the shard is written, so
-    at most one shard is held in memory. A tensor larger than the limit gets a shard of its own.
-    :meth:`finish` names the shards (``model.safetensors`` when there is one) and writes the index.
-
-    Args:
-        out_dir: an existing directory to write into.
-        max_shard_bytes: shard size limit in bytes.
-    """
-
-    def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-        if max_shard_bytes <= 0:
-            raise ExportError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
-        self._buf: dict[str, torch.Tensor] = {}
-        self._buf_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (stored contiguous, as given).
-
-        Raises:
-            ExportError: the name was added before.
-        """
-        if name in self._buf or any(name in names for _, names in self._shards):
-            raise ExportError(f"tensor {name!r} written twice")
-        size = tensor_bytes(tensor)
-        if self._buf and self._buf_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._buf[name] = tensor.detach().cpu().contiguous()
-        self._buf_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._buf, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._buf)))
-        self._buf, self._buf_bytes = {}, 0
-
-    def finish(self) -> list[str]:
-        """Write the last shard, give the shards their final names and write the index.
-
-        Returns:
-            The file names written (shards, then the index if any).
-        """
-        if self._buf or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        if n == 1:
-            self._shards[0][0].rename(self.out_dir / WEIGHTS_FILE)
-            return [WEIGHTS_FILE]
-        weight_map: dict[str, str] = {}
-        files = []
-        for i, (path, names) in enumerate(self._shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.rename(self.out_dir / fname)
-            files.append(fname)
-            weight_map.update({name: fname for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        return files + [INDEX_FILE]
-
-
-class SafetensorsDir:
-    """Lazy read access to the tensors of a (possibly sharded) safetensors directory."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        index = self.path / INDEX_FILE
-        if index.exists():
-            wm = json.loads(index.read_text())["weight_map"]
-            self.where = {name: self.path / f for name, f in wm.items()}
-        else:
-            single = self.path / WEIGHTS_FILE
-            with safe_open(str(single), framework="pt") as f:
-                self.where = {name: single for name in f.keys()}
-
-    def names(self) -> list[str]:
-        """Every tensor name."""
-        return list(self.where)
-
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, as stored."""
-        with safe_open(str(self.where[name]), framework="pt") as f:
-            return f.get_tensor(name)
-
-
-#: write into a temporary sibling directory, renamed into place on success (the core's helper)
-staged_output = staged_output_dir
-
-
 def check_out_dir(ckpt_path: Path, out_dir: str | os.PathLike[str]) -> Path:
     """Refuse an output directory that is the checkpoint itself or lies inside it.
 
@@ -198,11 +91,6 @@ def list_files(out_dir: Path) -> tuple[list[str], int]:
     """The files under ``out_dir`` (relative, sorted) and their total size in bytes."""
     files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
     return files, sum((out_dir / f).stat().st_size for f in files)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON with a trailing newline."""
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,9 +163,9 @@ def write_export(
     ckpt.copy_model_files(tmp)
     config = json.loads((tmp / "config.json").read_text())
     config["quantization_config"] = quantization_config
-    write_json(tmp / "config.json", config)
+    atomic_write_json(tmp / "config.json", config)
     for fname, content in (extra_json or {}).items():
-        write_json(tmp / fname, content)
+        atomic_write_json(tmp / fname, content)
     return files
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from rqat_deploy.errors import ModelLoadError
+from rqat_deploy.files import is_local_path
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -21,10 +22,6 @@ def torch_dtype(name: str) -> Any:
     if name not in DTYPES:
         raise ModelLoadError(f"unknown dtype {name!r}; choose one of {DTYPES}")
     return getattr(torch, name)
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
 
 
 def load_hf_model(
@@ -53,7 +50,7 @@ def load_hf_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name_or_path).expanduser()
-    if _looks_local(name_or_path):
+    if is_local_path(name_or_path):
         if not path.is_dir():
             raise ModelLoadError(f"model directory {name_or_path!r} does not exist: pass an existing directory or a Hub id")
         if not (path / "config.json").exists():

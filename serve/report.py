@@ -25,12 +25,12 @@ from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from rqat_deploy.files import atomic_write_bytes, atomic_write_text
+
 __all__ = [
     "COMPARE_FIELDS",
     "PACKAGES",
     "accuracy_interval",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "compare_models",
     "environment_info",
     "file_hashes",
@@ -60,41 +60,6 @@ _T975 = (
     2.045, 2.042,
 )
 _HASHED_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write bytes to a temporary file beside ``path`` and rename it over ``path``.
-
-    Args:
-        path: destination.
-        data: content.
-
-    Returns:
-        The destination path.
-    """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """UTF-8 variant of :func:`atomic_write_bytes`."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------

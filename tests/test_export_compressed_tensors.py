@@ -18,7 +18,8 @@ from rqat_deploy.quant.checkpoint import load_model, read_checkpoint
 from rqat_deploy.errors import CheckpointError, ExportError, OutputExistsError
 from rqat_deploy.exporters import compressed_tensors as ctx
 from rqat_deploy.exporters.compressed_tensors import export_compressed_tensors, hf_quantization_config
-from rqat_deploy.exporters.safetensors_io import INDEX_FILE, REPORT_FILE, SafetensorsDir
+from rqat_deploy.exporters.safetensors_io import REPORT_FILE
+from rqat_deploy.shards import INDEX_FILE, SafetensorsDir
 from rqat_deploy.train.run import quantize_rtn
 
 ct = pytest.importorskip("compressed_tensors")

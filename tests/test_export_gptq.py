@@ -19,7 +19,8 @@ from rqat_deploy.quant.checkpoint import read_checkpoint
 from rqat_deploy.errors import CheckpointError, ConfigError, ExportError, OutputExistsError
 from rqat_deploy.exporters.compressed_tensors import export_compressed_tensors
 from rqat_deploy.exporters.gptq import QUANTIZE_CONFIG_FILE, decode_gptq, export_gptq
-from rqat_deploy.exporters.safetensors_io import REPORT_FILE, SafetensorsDir
+from rqat_deploy.exporters.safetensors_io import REPORT_FILE
+from rqat_deploy.shards import SafetensorsDir
 from rqat_deploy.train.run import quantize_rtn
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 from rqat_deploy.errors import ConfigError, DataError
+from rqat_deploy.files import staged_file
 
 __all__ = [
     "FAMILIES",
@@ -574,12 +575,9 @@ def general_text_source() -> str:
 def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write records atomically (a temporary file renamed into place)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with staged_file(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 

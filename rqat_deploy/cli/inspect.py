@@ -32,7 +32,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     spec = ckpt.spec
     n_quant = n_float = side_bits = 0
     for name in ckpt.tensor_names():
-        shape = ckpt._shape(name)
+        shape = ckpt.shape(name)
         numel = 1
         for d in shape:
             numel *= d
@@ -41,7 +41,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             if leaf == "qcodes":
                 n_quant += numel
             else:
-                width = 16 if ckpt._dtype(name) == "F16" else (4 if leaf.startswith("sub_") and spec.bits == 2 else (6 if leaf.startswith("sub_") else spec.bits))
+                width = 16 if ckpt.dtype(name) == "F16" else (4 if leaf.startswith("sub_") and spec.bits == 2 else (6 if leaf.startswith("sub_") else spec.bits))
                 side_bits += numel * width
         else:
             n_float += numel

@@ -111,7 +111,7 @@ def run_quickstart(cfg: QuickstartConfig, *, progress: bool = True) -> dict[str,
     from rqat_deploy.builtin import synth
     from rqat_deploy.exporters.gguf import export_gguf
     from rqat_deploy.serve.bench import run_bench
-    from rqat_deploy.serve.report import atomic_write_text
+    from rqat_deploy.files import atomic_write_text
     from rqat_deploy.quant.spec import QuantSpec
     from rqat_deploy.train.run import TrainConfig, run_train
 

@@ -7,28 +7,24 @@ A directory with ``config.json``, tokenizer files, ``rqat_quant.json`` and ``mod
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from rqat_deploy.errors import CheckpointError, ConfigError, OutputExistsError
+from rqat_deploy.errors import CheckpointError, ConfigError
+from rqat_deploy.files import staged_dir
+from rqat_deploy.shards import DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, ShardedWriter
 from rqat_deploy.quant.quantizer import checkpoint_layout, dequantize_tensors
 from rqat_deploy.quant.spec import QK_K, QuantSpec
 
 FORMAT_VERSION = 1
 QUANT_FILE = "rqat_quant.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 #: files copied from the base model / tokenizer into checkpoints and exports
 MODEL_FILES = (
     "config.json",
@@ -120,14 +116,14 @@ class QuantizedCheckpoint:
     Use :func:`read_checkpoint` to open one.
     """
 
-    def __init__(self, path: Path, meta: QuantMeta, config: dict[str, Any], where: dict[str, Path]) -> None:
+    def __init__(self, path: Path, meta: QuantMeta, config: dict[str, Any], files: SafetensorsDir) -> None:
         self.path, self.meta, self.config = path, meta, config
-        self._where = where  # tensor name -> safetensors file
+        self.files = files
         self.spec: QuantSpec | None = None if meta.grid == "float" else meta.spec  # None: read_float_model
 
     def tensor_names(self) -> list[str]:
         """Every tensor name stored in the checkpoint."""
-        return list(self._where)
+        return self.files.names()
 
     def tensor(self, name: str) -> torch.Tensor:
         """One stored tensor, as stored.
@@ -135,10 +131,9 @@ class QuantizedCheckpoint:
         Raises:
             CheckpointError: no tensor of that name.
         """
-        if name not in self._where:
+        if name not in self.files.where:
             raise CheckpointError(f"{self.path}: no tensor {name!r} in the checkpoint")
-        with safe_open(str(self._where[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        return self.files.get(name)
 
     def quant_tensors(self, module: str) -> dict[str, torch.Tensor]:
         """The quantization tensors of ``module`` (``qcodes`` and its grid's scales), range-checked.
@@ -148,7 +143,7 @@ class QuantizedCheckpoint:
         """
         if module not in self.meta.modules:
             raise CheckpointError(f"{module!r} is not a quantized module of {self.path}")
-        out_f, in_f = self._shape(f"{module}.qcodes")
+        out_f, in_f = self.shape(f"{module}.qcodes")
         t = {n: self.tensor(f"{module}.{n}") for n in checkpoint_layout(self.spec, out_f, in_f)}
         for n, v in t.items():
             if n in _RANGES:
@@ -167,7 +162,7 @@ class QuantizedCheckpoint:
     def float_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor that is not part of a quantized module's codes/scales (embeddings, norms, biases...)."""
         quant = {f"{m}.{n}" for m in self.meta.modules for n in checkpoint_layout(self.spec, 1, QK_K * 4)}
-        for name in self._where:
+        for name in self.files.names():
             if name not in quant:
                 yield name, self.tensor(name)
 
@@ -184,13 +179,13 @@ class QuantizedCheckpoint:
                 copied.append(name)
         return copied
 
-    def _shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(str(self._where[name]), framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A stored tensor's shape (read from the file header)."""
+        return self.files.shape(name)
 
-    def _dtype(self, name: str) -> str:
-        with safe_open(str(self._where[name]), framework="pt") as f:
-            return f.get_slice(name).get_dtype()
+    def dtype(self, name: str) -> str:
+        """A stored tensor's safetensors dtype name (``F16``, ``U8``...)."""
+        return self.files.dtype(name)
 
     def validate(self) -> None:
         """Check that every quantized module has its tensors, with the right dtypes and shapes.
@@ -200,38 +195,22 @@ class QuantizedCheckpoint:
         """
         st_dtype = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16"}
         for m in self.meta.modules:
-            if f"{m}.qcodes" not in self._where:
+            if f"{m}.qcodes" not in self.files.where:
                 raise CheckpointError(f"{self.path}: quantized module {m!r} has no {m}.qcodes tensor")
-            shape = self._shape(f"{m}.qcodes")
+            shape = self.shape(f"{m}.qcodes")
             if len(shape) != 2:
                 raise CheckpointError(f"{self.path}: {m}.qcodes must be 2-D [out, in], got {shape}")
             if shape[1] % self.spec.block_size:
                 raise CheckpointError(f"{self.path}: {m}.qcodes has in={shape[1]}, not a multiple of {self.spec.block_size}")
             for n, (dtype, want) in checkpoint_layout(self.spec, *shape).items():
                 key = f"{m}.{n}"
-                if key not in self._where:
+                if key not in self.files.where:
                     raise CheckpointError(f"{self.path}: quantized module {m!r} lacks the tensor {key!r}")
-                got_shape, got_dtype = self._shape(key), self._dtype(key)
+                got_shape, got_dtype = self.shape(key), self.dtype(key)
                 if got_shape != want or got_dtype != st_dtype[dtype]:
                     raise CheckpointError(
                         f"{self.path}: {key} is {got_dtype}{list(got_shape)}, expected {st_dtype[dtype]}{list(want)}"
                     )
-
-
-def _index_files(path: Path) -> dict[str, Path]:
-    index = path / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = {name: path / f for name, f in weight_map.items()}
-        for f in set(files.values()):
-            if not f.exists():
-                raise CheckpointError(f"{path}: shard {f.name} named in {INDEX_FILE} is missing")
-        return files
-    single = path / WEIGHTS_FILE
-    if not single.exists():
-        raise CheckpointError(f"{path}: neither {WEIGHTS_FILE} nor {INDEX_FILE} exists")
-    with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> QuantizedCheckpoint:
@@ -252,7 +231,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> QuantizedCheckpoint:
     meta = _parse_meta(p)
     if not (p / "config.json").exists():
         raise CheckpointError(f"{p}: config.json is missing")
-    ckpt = QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), _index_files(p))
+    ckpt = QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), SafetensorsDir(p))
     ckpt.validate()
     return ckpt
 
@@ -277,58 +256,12 @@ def read_float_model(path: str | os.PathLike[str]) -> QuantizedCheckpoint:
         raise CheckpointError(f"{p} is not a model directory: config.json is missing")
     meta = QuantMeta(format_version=FORMAT_VERSION, bits=16, grid="float", group_size=0, modules=[],
                      base_model=p.resolve().name)
-    return QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), _index_files(p))
+    return QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), SafetensorsDir(p))
 
 
 # ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
-
-
-def prepare_output_dir(out: Path, force: bool) -> Path:
-    """Check ``out`` may be written and return a fresh temporary sibling directory to write into.
-
-    Raises:
-        OutputExistsError: ``out`` exists and ``force`` is false.
-    """
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists: choose another --out or pass --force to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should have normal directory permissions
-    return tmp
-
-
-def commit_output_dir(tmp: Path, out: Path) -> None:
-    """Atomically-enough replace ``out`` by the finished ``tmp`` directory (old ``out`` removed last)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-@contextlib.contextmanager
-def staged_output_dir(out: str | os.PathLike[str], force: bool) -> Iterator[Path]:
-    """Write into a temporary sibling of ``out``, renamed into place on success, removed on failure.
-
-    An existing ``out`` (with ``force``) is replaced only once the new directory is complete.
-
-    Raises:
-        OutputExistsError: ``out`` exists and ``force`` is false (before anything is written).
-    """
-    out = Path(out)
-    tmp = prepare_output_dir(out, force)
-    try:
-        yield tmp
-        commit_output_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def checkpoint_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -358,20 +291,6 @@ def checkpoint_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[st
     return state, modules
 
 
-def _write_tensors(state: dict[str, torch.Tensor], out: Path, max_shard_size: int) -> None:
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    if total <= max_shard_size:
-        save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-        return
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
-    for fname, names in split.filename_to_tensors.items():
-        save_file({n: state[n] for n in names}, str(out / fname), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
-
-
 def save_checkpoint(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -380,7 +299,7 @@ def save_checkpoint(
     base_model: str = "",
     recipe: dict[str, Any] | None = None,
     force: bool = False,
-    max_shard_size: int = 5 * 1024**3,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write a model with QuantLinear modules as a quantized checkpoint (DESIGN.md 3).
 
@@ -411,9 +330,12 @@ def save_checkpoint(
     if len({(s.bits, s.grid, s.group_size) for s in specs}) > 1:
         raise CheckpointError(f"all quantized modules must share one spec, found {specs}")
     spec = specs.pop()
-    with staged_output_dir(out, force) as tmp:
+    with staged_dir(out, force) as tmp:
         state, modules = checkpoint_state(model)
-        _write_tensors(state, tmp, max_shard_size)
+        writer = ShardedWriter(tmp, max_shard_size)
+        for name, tensor in state.items():
+            writer.add(name, tensor)
+        writer.finish()
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

@@ -36,7 +36,7 @@ from rqat_deploy.errors import ConfigError, ShapeError
 QK_K = reference.QK_K  # 256 weights per super-block
 K_SUB = reference.K_SUB  # 16 weights per sub-block
 N_SUB = QK_K // K_SUB  # 16 sub-blocks per super-block
-FP16_MAX = 65504.0
+FP16_MAX = reference.FP16_MAX
 _GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml's GROUP_MAX_EPS (1e-15f)
 _F32 = torch.float32
 

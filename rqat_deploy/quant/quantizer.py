@@ -18,10 +18,9 @@ from torch import nn
 
 from rqat_deploy.quant import reference
 from rqat_deploy.errors import CheckpointError
-from rqat_deploy.quant.reference import K_SUB, MIN_SCALE, QK_K, expand_groups, fp16_ste, round_ste
+from rqat_deploy.quant.reference import FP16_MAX, K_SUB, MIN_SCALE, QK_K, expand_groups, fp16_ste, round_ste
 from rqat_deploy.quant.spec import QuantSpec
 
-FP16_MAX = 65504.0
 GroupParams = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 

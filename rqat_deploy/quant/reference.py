@@ -40,6 +40,7 @@ from rqat_deploy.errors import ShapeError
 QK_K = 256  # k-quant super-block size (llama.cpp's QK_K)
 K_SUB = 16  # k-quant sub-block size
 MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal); uniform scales are clamped to it
+FP16_MAX = 65504.0  # largest finite fp16; trained fp16 scales are clamped to it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ positions and causal mask; they are captured once with batch size 1 and broadcas
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,10 +419,3 @@ def capture_layer_inputs(
     if store is not None:
         store.flush()
     return inputs
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

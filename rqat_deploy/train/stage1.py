@@ -55,9 +55,9 @@ from rqat_deploy.train.activations import (
     paired_batches,
     run_layer,
     store_nbytes,
-    write_json_atomic,
 )
 from rqat_deploy.errors import CheckpointError, ConfigError, NonFiniteError, ShapeError
+from rqat_deploy.files import atomic_write_json, staged_file
 from rqat_deploy.quant.qlinear import QuantLinear
 from rqat_deploy.quant.quantizer import checkpoint_layout, quantizer_class
 from rqat_deploy.quant.spec import QuantSpec
@@ -279,7 +279,7 @@ class _WorkDir:
         return self.dir / f"block_{k:04d}.safetensors"
 
     def save(self) -> None:
-        write_json_atomic(self.state_path, self.state)
+        atomic_write_json(self.state_path, self.state)
 
     def log(self, record: dict[str, Any]) -> None:
         self.metrics.write(json.dumps(record) + "\n")
@@ -794,9 +794,8 @@ def _stage1_block(
     block.requires_grad_(False)
     _restore_dtypes(block, dtypes)
     state = {n: t.detach().cpu().contiguous() for n, t in block.state_dict().items()}
-    tmp = wd.block_path(k).with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(wd.block_path(k))
+    with staged_file(wd.block_path(k)) as tmp:
+        save_file(state, str(tmp))
     _propagate(block, q_store, inputs, dev, cfg.forward_batch_size, model_dtype)  # student inputs of k+1
     block.to(home)
     rep.seconds = time.perf_counter() - t0

@@ -74,6 +74,7 @@ from tqdm.auto import tqdm
 from rqat_deploy.train import distributed as dist_utils
 from rqat_deploy.data.training import SFTSet
 from rqat_deploy.errors import ConfigError, NonFiniteError, RqatError
+from rqat_deploy.files import staged_file
 from rqat_deploy.train.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics
 from rqat_deploy.quant.surgery import freeze_codes, quant_linears
 from rqat_deploy.train.teacher import Teacher, decoder_and_head
@@ -509,10 +510,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_state(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with staged_file(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _load_state(path: Path, cfg: Stage2Config, fingerprint: str) -> dict[str, Any]:

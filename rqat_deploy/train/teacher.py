@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from rqat_deploy.data.training import IGNORE_INDEX, SFTSet
 from rqat_deploy.errors import ConfigError, DataError, ShapeError
+from rqat_deploy.files import atomic_write_json
 from rqat_deploy.train.losses import TeacherTargets
 
 CACHE_FORMAT = 1
@@ -333,9 +334,7 @@ class CachedTeacher:
 
 
 def _write_meta(out: Path, meta: dict[str, Any]) -> None:
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, _meta_path(out))
+    atomic_write_json(_meta_path(out), meta)
 
 
 def _resume_point(out: Path, meta: dict[str, Any]) -> int:
