@@ -4,7 +4,7 @@ Every runtime does the same things the same way, so their numbers can be compare
 
 - **Prompt**: the user message (question + instruction) rendered with the model's own chat template
   (the tokenizer's for a model directory, ``tokenizer.chat_template`` of a GGUF file) through one
-  renderer (:func:`render_chat`, transformers' Jinja renderer), ``add_generation_prompt=True``,
+  renderer (:func:`rqat_deploy.data.chat.render_prompt`, transformers' Jinja renderer), ``add_generation_prompt=True``,
   ``enable_thinking=True`` by default (Qwen3 templates read it, others ignore it). The rendered text
   is tokenized without adding special tokens (the template writes them), as transformers'
   ``apply_chat_template`` does.
@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rqat_deploy.data.chat import ends_in_thinking, render_prompt
 from rqat_deploy.errors import BackendError, ConfigError, ModelLoadError
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "detect_runtime",
     "generation_record",
     "load_runtime",
-    "render_chat",
 ]
 
 #: The names ``--runtime`` accepts.
@@ -144,69 +144,6 @@ def _rate(tokens: int | None, seconds: float | None) -> float | None:
     return tokens / seconds
 
 
-def _render_with_jinja(template: str, messages: list[dict[str, str]], **kwargs: Any) -> str:
-    """Fallback renderer (transformers without ``render_jinja_template``): same Jinja settings."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise ConfigError(f"chat template error: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **kwargs)
-
-
-def render_chat(
-    template: str | None,
-    user_message: str,
-    *,
-    special_tokens: dict[str, str | None] | None = None,
-    enable_thinking: bool = True,
-) -> str:
-    """Render one user turn and the assistant generation prompt with a chat template.
-
-    Args:
-        template: the Jinja chat template; None or empty returns ``user_message`` unchanged (a base
-            model without a template).
-        user_message: the user's message.
-        special_tokens: ``bos_token``, ``eos_token``... strings the template may use.
-        enable_thinking: passed to the template (Qwen3 reads it).
-
-    Returns:
-        The prompt text.
-
-    Raises:
-        ConfigError: when the template fails to render.
-    """
-    if not template:
-        return user_message
-    messages = [{"role": "user", "content": user_message}]
-    kwargs = {k: v for k, v in (special_tokens or {}).items() if v is not None}
-    kwargs["enable_thinking"] = enable_thinking
-    try:
-        from transformers.utils.chat_template_utils import render_jinja_template
-    except ImportError:
-        render_jinja_template = None
-    try:
-        if render_jinja_template is not None:
-            rendered, _ = render_jinja_template(
-                conversations=[messages], chat_template=template, add_generation_prompt=True, **kwargs
-            )
-            return rendered[0]
-        return _render_with_jinja(template, messages, **kwargs)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"the model's chat template failed to render ({type(exc).__name__}: {exc})") from exc
-
-
-def _ends_in_thinking(prompt: str) -> bool:
-    tail = prompt.rstrip()
-    return tail.endswith("<think>")
-
-
 class Runtime(abc.ABC):
     """A loaded model that renders prompts, generates, and measures speed.
 
@@ -236,7 +173,7 @@ class Runtime(abc.ABC):
             The rendered prompt.
         """
         message = question if not instruction else f"{question}\n{instruction}"
-        return render_chat(
+        return render_prompt(
             self.chat_template, message, special_tokens=self.special_tokens, enable_thinking=self.enable_thinking
         )
 
@@ -286,7 +223,7 @@ class Runtime(abc.ABC):
             for i, prompt in enumerate(prompts):
                 seed = sampling.seed_for(i) if seeds is None else int(seeds[i])
                 gen = self._generate_one(self.tokenize(prompt), sampling, seed)
-                gen.starts_in_thinking = _ends_in_thinking(prompt)
+                gen.starts_in_thinking = ends_in_thinking(prompt)
                 gen.think_ids = self.think_ids
                 gen.seed = seed
                 results.append(gen)
@@ -917,7 +854,7 @@ class VLLMRuntime(Runtime):
                 outs, wall = self._run(ids, [self._params(sampling, s, False) for s in chunk_seeds])
                 for i, out, p, s in zip(chunk, outs, ids, chunk_seeds):
                     gen = self._to_generation(out, len(p), wall)
-                    gen.starts_in_thinking = _ends_in_thinking(prompts[i])
+                    gen.starts_in_thinking = ends_in_thinking(prompts[i])
                     gen.think_ids, gen.seed = self.think_ids, s
                     results.append(gen)
                     if on_result is not None:

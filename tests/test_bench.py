@@ -21,13 +21,13 @@ from rqat_deploy.serve.report import (
     summarize_model,
     write_report,
 )
+from rqat_deploy.data.chat import render_prompt
 from rqat_deploy.serve.runtimes import (
     Generation,
     Runtime,
     SamplingParams,
     detect_runtime,
     load_runtime,
-    render_chat,
 )
 
 REQUIRED_FIELDS = (
@@ -282,16 +282,16 @@ def test_vllm_clear_error_without_vllm_or_gpu() -> None:
         load_runtime("some/model", "vllm")
 
 
-def test_render_chat_thinking_switch() -> None:
+def test_render_prompt_thinking_switch() -> None:
     from rqat_deploy.builtin.tiny import CHAT_TEMPLATE
 
-    on = render_chat(CHAT_TEMPLATE, "hi")
-    off = render_chat(CHAT_TEMPLATE, "hi", enable_thinking=False)
+    on = render_prompt(CHAT_TEMPLATE, "hi")
+    off = render_prompt(CHAT_TEMPLATE, "hi", enable_thinking=False)
     assert on == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert off == on + "<think>\n\n</think>\n\n"
-    assert render_chat(None, "plain") == "plain"
+    assert render_prompt(None, "plain") == "plain"
     with pytest.raises(ConfigError, match="chat template"):
-        render_chat("{{ raise_exception('no system role') }}", "x")
+        render_prompt("{{ raise_exception('no system role') }}", "x")
 
 
 # ------------------------------------------------------------------- tiny model, both runtimes

@@ -112,10 +112,10 @@ class BuildConfig:
 
 
 def _render(tokenizer_or_template: Any, problem: synth.Problem) -> tuple[str, str]:
-    """(prompt, completion) of a problem through the chat template (as ``rqat_deploy.data.training`` renders it)."""
-    from rqat_deploy.data.training import render_chat
+    """(prompt, completion) of a problem through the chat template (as stage-2 training renders it)."""
+    from rqat_deploy.data.chat import split_conversation
 
-    rendered = render_chat(tokenizer_or_template, synth.problem_messages(problem))
+    rendered = split_conversation(tokenizer_or_template, synth.problem_messages(problem))
     return rendered.prompt, rendered.completion
 
 

@@ -56,6 +56,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from rqat_deploy.data.chat import Rendered, split_conversation
 from rqat_deploy.errors import DataError
 
 #: The paper's calibration mix (DESIGN.md 5): 80 % reasoning traces, 20 % pre-training text.
@@ -290,19 +291,6 @@ class _Skip(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Rendered:
-    """A record as text: ``prompt + completion`` is the full rendering (``prompt`` is ``""`` for text)."""
-
-    prompt: str
-    completion: str
-    kind: str  # "chat" | "text"
-
-    @property
-    def text(self) -> str:
-        return self.prompt + self.completion
-
-
 def record_kind(record: Mapping[str, Any], fields: FieldMap) -> str:
     """``"conversations"``, ``"messages"``, ``"prompt_response"`` or ``"text"``.
 
@@ -376,44 +364,6 @@ def record_messages(record: Mapping[str, Any], fields: FieldMap, kind: str) -> l
     return messages
 
 
-def _probe(content: str) -> str:
-    """A snippet of the assistant content that must survive rendering (end of the trace or answer)."""
-    if "</think>" in content:
-        trace = content.split("</think>", 1)[0].split("<think>")[-1].strip()
-        if trace:
-            return trace[-32:]
-    return content.strip()[-32:]
-
-
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> Rendered:
-    """Split a conversation into prompt (with generation prompt) and completion text.
-
-    The completion is the fully rendered conversation minus the prompt prefix. When the template
-    does not render the conversation as prompt + completion, or drops the reasoning trace of the
-    last assistant turn (e.g. templates that strip ``<think>`` from history), the completion is
-    built as the assistant content followed by the EOS token instead.
-
-    Raises:
-        DataError: the tokenizer has no chat template.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            "the tokenizer has no chat template, so conversation records cannot be rendered: use a chat "
-            "model's tokenizer, or plain-text records"
-        )
-    prefix = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    content = messages[-1]["content"]
-    if full.startswith(prefix) and _probe(content) in full[len(prefix):]:
-        return Rendered(prefix, full[len(prefix):], "chat")
-    completion = content
-    for opener in ("<think>\n", "<think>"):
-        if prefix.endswith(opener) and completion.startswith(opener):
-            completion = completion[len(opener):]
-            break
-    return Rendered(prefix, completion + (tokenizer.eos_token or ""), "chat")
-
-
 def render_record(tokenizer: Any, record: Mapping[str, Any], fields: FieldMap, kind: str) -> Rendered:
     """Render one record of ``kind`` (see :func:`record_kind`) to prompt and completion text."""
     if kind == "text":
@@ -423,7 +373,7 @@ def render_record(tokenizer: Any, record: Mapping[str, Any], fields: FieldMap, k
         if not text.strip():
             raise _Skip("empty_text")
         return Rendered("", text, "text")
-    return render_chat(tokenizer, record_messages(record, fields, kind))
+    return split_conversation(tokenizer, record_messages(record, fields, kind))
 
 
 # ---------------------------------------------------------------------------------------------
