@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from rqat_deploy.quant.grids import grid_for
+from synthetic import random_tensors  # benchmarks/synthetic.py
+
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 2048, 6144, 16, 8, 128
 
 
@@ -47,32 +50,6 @@ def _linear_shapes(hidden: int, inter: int, heads: int, kv_heads: int, head_dim:
         "mlp.gate_proj": (inter, hidden),
         "mlp.up_proj": (inter, hidden),
         "mlp.down_proj": (hidden, inter),
-    }
-
-
-def _quant_fields(rng: np.random.Generator, out: int, inp: int, bits: int, grid: str) -> dict[str, np.ndarray]:
-    """Random checkpoint tensors of one Linear (DESIGN.md 3 layout), realistic magnitudes."""
-    q = rng.integers(0, 2**bits, (out, inp), dtype=np.uint8)
-    if grid == "uniform":
-        g = inp // 128
-        return {
-            "qcodes": q,
-            "scales": rng.uniform(0.004, 0.02, (out, g)).astype(np.float16),
-            "zeros": rng.integers(0, 2**bits, (out, g), dtype=np.uint8),
-        }
-    nb, ns = inp // 256, inp // 16
-    if bits == 2:
-        return {
-            "qcodes": q,
-            "d": rng.uniform(5e-4, 2e-3, (out, nb)).astype(np.float16),
-            "dmin": rng.uniform(5e-4, 2e-3, (out, nb)).astype(np.float16),
-            "sub_scales": rng.integers(0, 16, (out, ns), dtype=np.uint8),
-            "sub_mins": rng.integers(0, 16, (out, ns), dtype=np.uint8),
-        }
-    return {
-        "qcodes": q,
-        "d": rng.uniform(2e-4, 1e-3, (out, nb)).astype(np.float16),
-        "sub_scales": rng.integers(-32, 32, (out, ns), dtype=np.int8),
     }
 
 
@@ -93,6 +70,7 @@ def make_checkpoint(
     tok = build_tokenizer(out_dir)  # tokenizer.json + tokenizer_config.json (1024 tokens)
     vocab = len(tok)
     rng = np.random.default_rng(seed)
+    qgrid = grid_for(grid, bits)
     shapes = _linear_shapes(hidden, inter, heads, kv_heads, head_dim)
     weight_map: dict[str, str] = {}
     modules: list[str] = []
@@ -104,7 +82,7 @@ def make_checkpoint(
             m = f"model.layers.{i}.{name}"
             modules.append(m)
             n_quant += o * k
-            tensors.update({f"{m}.{k2}": v for k2, v in _quant_fields(rng, o, k, bits, grid).items()})
+            tensors.update({f"{m}.{k2}": v for k2, v in random_tensors(qgrid, o, k, rng).items()})
         tensors[f"model.layers.{i}.input_layernorm.weight"] = np.ones(hidden, dtype=np.float32)
         tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = np.ones(hidden, dtype=np.float32)
         tensors[f"model.layers.{i}.self_attn.q_norm.weight"] = np.ones(head_dim, dtype=np.float32)
@@ -132,7 +110,7 @@ def make_checkpoint(
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     meta = {
-        "format_version": 1, "bits": bits, "grid": grid, "group_size": 128 if grid == "uniform" else 256,
+        "format_version": 1, "bits": bits, "grid": grid, "group_size": qgrid.group_size,
         "modules": modules, "base_model": f"synthetic-qwen3-{layers}L", "recipe": {"name": "synthetic"},
     }
     (out_dir / "rqat_quant.json").write_text(json.dumps(meta, indent=2))

@@ -24,15 +24,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from rqat_deploy.quant import reference as ref
+from rqat_deploy.quant.grids import grid_for
+from synthetic import random_tensors  # benchmarks/synthetic.py
 
-GRIDS = {
-    # name: (gs, qmax, z, o) -- z/o kinds as in the reference table
-    "uniform-g128-2bit": (128, 3, "int", "zero"),
-    "q2k-2bit": (16, 3, "zero", "pos"),
-    "q3k-3bit": (16, 7, "four", "zero"),
+GRIDS = {  # benchmark label -> (grid name, bits) of rqat_deploy.quant.grids
+    "uniform-g128-2bit": ("uniform", 2),
+    "q2k-2bit": ("kquant", 2),
+    "q3k-3bit": ("kquant", 3),
 }
 
 
@@ -51,17 +53,14 @@ class Row:
 
 def make_inputs(rows: int, k: int, grid: str, device: str, wdtype: torch.dtype, seed: int = 0):
     """Random weight, group parameters, upstream gradient and frozen codes for one grid."""
-    gs, qmax, zkind, okind = GRIDS[grid]
+    qgrid = grid_for(*GRIDS[grid], group_size=128)
+    gs, qmax = qgrid.gs, qgrid.qmax
     gen = torch.Generator(device=device).manual_seed(seed)
     w = (torch.randn(rows, k, generator=gen, device=device) * 0.02).to(wdtype)  # [R, K]
-    shape = (rows, k // gs)
-    s = ref.fp16_round(torch.rand(shape, generator=gen, device=device) * 0.01 + 0.002)  # [R, K/gs]
-    z = {
-        "int": torch.randint(0, qmax + 1, shape, generator=gen, device=device).float(),
-        "zero": torch.zeros(shape, device=device),
-        "four": torch.full(shape, 4.0, device=device),
-    }[zkind]
-    o = s * 2 if okind == "pos" else torch.zeros(shape, device=device)
+    fields = random_tensors(qgrid, rows, k, np.random.default_rng(seed))
+    quantizer = qgrid.from_checkpoint({n: torch.from_numpy(v) for n, v in fields.items()}).to(device)
+    with torch.no_grad():
+        s, z, o = quantizer.group_params()  # [R, K/gs] each
     g = torch.randn(rows, k, generator=gen, device=device).to(wdtype)  # [R, K]
     q = ref.quantize_codes(w.float(), s, z, o, qmax, gs).to(torch.uint8)  # [R, K]
     return w, s, z, o, g, q, gs, qmax

@@ -25,13 +25,16 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from rqat_deploy.errors import CheckpointError, ConfigError, ExportError
 from rqat_deploy.files import check_output, staged_file
 from rqat_deploy.exporters import gguf_quants as gq
+
+if TYPE_CHECKING:
+    from rqat_deploy.quant.grids import Grid
 
 __all__ = [
     "EMBED_TYPES",
@@ -41,6 +44,7 @@ __all__ = [
     "export_gguf",
     "format_inspect",
     "inspect_gguf",
+    "gguf_type_choices",
     "resolve_gguf_type",
 ]
 
@@ -169,30 +173,33 @@ class ExportReport:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_gguf_type(bits: int, grid: str, gguf_type: str | None) -> str:
-    """Validate ``--gguf-type`` for a checkpoint and fill in the default.
+def gguf_type_choices(grid: Grid) -> list[str]:
+    """The GGUF types a checkpoint on ``grid`` can be written in, the default first.
 
-    Defaults: kquant -> its native type (Q2_K / Q3_K, exact); uniform -> Q2_K (2-bit), Q3_K
-    (3-bit), Q4_K (4-bit), lossy and reported; the exact choices are Q4_0 (2/3-bit), Q8_0, F32.
+    The grid's native type first (exact: Q2_K / Q3_K for kquant); a grid in the uniform layout
+    can also be mapped to every uniform choice (Q2_K / Q3_K / Q4_K lossy and reported; Q4_0, Q8_0,
+    F32 exact); any grid can be written as F32 (exact) or F16 (measured).
+    """
+    native = [grid.gguf_type] if grid.gguf_type else []
+    rest = gq.uniform_type_choices(grid.bits) if grid.uniform_layout else ["F32", "F16"]
+    return list(dict.fromkeys(native + rest))
+
+
+def resolve_gguf_type(grid: Grid, gguf_type: str | None) -> str:
+    """Validate ``--gguf-type`` for a checkpoint on ``grid`` and fill in the default.
 
     Raises:
         ConfigError: a type the checkpoint cannot be written in, naming the valid ones.
     """
-    if gguf_type is not None:
-        gguf_type = gguf_type.upper()
-    if grid == "kquant":
-        native = {2: "Q2_K", 3: "Q3_K"}[bits]
-        choices = [native, "F32", "F16"]
-    else:
-        choices = gq.uniform_type_choices(bits)
+    choices = gguf_type_choices(grid)
     if gguf_type is None:
         return choices[0]
-    if gguf_type not in choices:
+    if gguf_type.upper() not in choices:
         raise ConfigError(
-            f"--gguf-type {gguf_type} is not available for a {bits}-bit {grid} checkpoint; "
+            f"--gguf-type {gguf_type.upper()} is not available for a {grid.bits}-bit {grid.label} checkpoint; "
             f"choose one of {', '.join(choices)} (default {choices[0]})"
         )
-    return gguf_type
+    return gguf_type.upper()
 
 
 def detect_tokenizer_pre(tokenizer_json: dict[str, Any]) -> str | None:
@@ -264,7 +271,7 @@ def export_gguf(
         raise ConfigError(f"embed_type {embed_type!r} is not supported; choose one of {', '.join(EMBED_TYPES)}")
     if (Path(ckpt_dir) / QUANT_FILE).exists():
         ckpt = read_checkpoint(ckpt_dir)
-        qtype = resolve_gguf_type(ckpt.meta.bits, ckpt.meta.grid, gguf_type)
+        qtype = resolve_gguf_type(ckpt.grid, gguf_type)
     else:  # a full-precision model (the teacher): every matrix in embed_type
         ckpt = read_float_model(ckpt_dir)
         qtype = embed_type
@@ -387,26 +394,16 @@ def _tensors(
     meta, config = ckpt.meta, ckpt.config
     for module in meta.modules:
         name = _gguf_name(name_map, f"{module}.weight")
-        fields = {k: v.numpy() for k, v in ckpt.quant_tensors(module).items()}
-        perm = _row_perm(arch, module, config, fields["qcodes"].shape[0])
+        t = ckpt.quant_tensors(module)
+        ref = ckpt.grid.dequantize(t).numpy()  # [out, in] float32: the trained weight
+        fields = {k: v.numpy() for k, v in t.items()}
+        perm = _row_perm(arch, module, config, ref.shape[0])
         if perm is not None:
-            fields = {k: v[perm] for k, v in fields.items()}
-        if meta.grid == "uniform":
-            mt = gq.map_uniform(
-                fields["qcodes"], fields["scales"], fields["zeros"], meta.group_size, meta.bits, qtype
-            )
-        else:
-            mt = gq.map_kquant(fields, meta.bits, qtype)
+            fields, ref = {k: v[perm] for k, v in fields.items()}, ref[perm]
+        mt = _map_module(ckpt.grid, fields, ref, qtype)
         if mt.exact:  # by construction (tests/test_gguf_quants.py); verify re-checks against the core
-            se, exact = 0.0, True
-            sn = _sq_norm(gq.uniform_reference(
-                fields["qcodes"], fields["scales"], fields["zeros"], meta.group_size
-            )) if meta.grid == "uniform" else 0.0  # kquant: every module is exact, the total is 0
+            se, sn, exact = 0.0, _sq_norm(ref), True
         else:
-            if meta.grid == "uniform":
-                ref = gq.uniform_reference(fields["qcodes"], fields["scales"], fields["zeros"], meta.group_size)
-            else:
-                ref = gq.map_kquant(fields, meta.bits, "F32").data
             se, sn = _sq_error(mt.decoded, ref), _sq_norm(ref)
             exact = se == 0.0 and bool(np.array_equal(mt.decoded, ref))
         raw = None if mt.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else mt.qtype
@@ -451,6 +448,15 @@ def _tensors(
         if freqs is not None:
             rep = TensorReport("rope_freqs.weight", "rope_parameters", "F32", list(freqs.shape), 0.0, True, False)
             yield "rope_freqs.weight", freqs, None, rep, None
+
+
+def _map_module(grid: Grid, fields: dict[str, np.ndarray], ref: np.ndarray, qtype: str) -> gq.MappedTensor:
+    """One quantized module in ``qtype``: the grid's native packing, a uniform mapping, or floats."""
+    if qtype == grid.gguf_type:
+        return gq.pack_native(qtype, fields)
+    if grid.uniform_layout:
+        return gq.map_uniform(fields["qcodes"], fields["scales"], fields["zeros"], grid.group_size, grid.bits, qtype)
+    return gq.map_float(ref, qtype)
 
 
 def _gguf_name(name_map: Any, hf_name: str) -> str:

@@ -28,15 +28,17 @@ Exactness arguments (float32 on both sides, one rounding at most and the same on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rqat_deploy.errors import ConfigError, ShapeError
 
-QK_K = 256  # k-quant super-block
-QK4_0 = 32  # Q4_0 block
-QK8_0 = 32  # Q8_0 block
+# block sizes from gguf's own constants table (weights per block, bytes per block)
+QK_K = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K][0]  # k-quant super-block: 256
+QK4_0 = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0][0]  # 32
+QK8_0 = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]  # 32
 
 __all__ = [
     "QK_K",
@@ -56,7 +58,9 @@ __all__ = [
     "uniform_to_q8_0",
     "uniform_reference",
     "map_uniform",
-    "map_kquant",
+    "NATIVE_PACKERS",
+    "pack_native",
+    "map_float",
     "uniform_type_choices",
     "UNIFORM_DEFAULT_TYPE",
     "block_bytes",
@@ -765,41 +769,37 @@ def _exact_fallback(
     return MappedTensor(GGMLQuantizationType.F32, w, None, True)
 
 
-def map_kquant(fields: dict[str, np.ndarray], bits: int, gguf_type: str | None) -> MappedTensor:
-    """Write a kquant-grid weight in its native type (exact) or F32 (exact) / F16 (measured).
+#: packers of the GGUF types a grid is stored in natively, from the checkpoint's tensors by name
+NATIVE_PACKERS: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {
+    "Q2_K": lambda f: pack_q2_k(f["qcodes"], f["d"], f["dmin"], f["sub_scales"], f["sub_mins"]),
+    "Q3_K": lambda f: pack_q3_k(f["qcodes"], f["d"], f["sub_scales"]),
+}
+
+
+def pack_native(gguf_type: str, fields: dict[str, np.ndarray]) -> MappedTensor:
+    """Pack a weight whose grid *is* ``gguf_type`` (e.g. a kquant checkpoint as Q2_K): exact.
 
     Args:
-        fields: the checkpoint's tensors as NumPy arrays (``qcodes``, ``d``, and ``dmin``,
-            ``sub_scales``, ``sub_mins`` for bits=2; ``sub_scales`` int8 for bits=3).
-        bits: 2 (Q2_K) or 3 (Q3_K).
-        gguf_type: None or the native type, "F32" or "F16".
-
-    Returns:
-        MappedTensor.
+        gguf_type: a key of :data:`NATIVE_PACKERS`.
+        fields: the checkpoint's tensors of the module as NumPy arrays (DESIGN.md 3).
 
     Raises:
-        ConfigError: an unsupported bit width or type.
+        ConfigError: ``gguf_type`` has no native packer.
     """
-    native = {2: "Q2_K", 3: "Q3_K"}.get(bits)
-    if native is None:
-        raise ConfigError(f"kquant checkpoints have 2 or 3 bits; got {bits}")
-    gguf_type = gguf_type or native
-    if gguf_type not in (native, "F32", "F16"):
-        raise ConfigError(
-            f"--gguf-type {gguf_type}: a {bits}-bit kquant checkpoint is written exactly as {native} "
-            f"(or F32; F16 with a measured error); choose one of {native}, F32, F16"
-        )
-    q = fields["qcodes"]
-    if gguf_type == native:
-        if bits == 2:
-            data = pack_q2_k(q, fields["d"], fields["dmin"], fields["sub_scales"], fields["sub_mins"])
-            return MappedTensor(GGMLQuantizationType.Q2_K, data, None, True)
-        return MappedTensor(GGMLQuantizationType.Q3_K, pack_q3_k(q, fields["d"], fields["sub_scales"]), None, True)
-    if bits == 2:
-        w = dequant_q2_k_fields(q, fields["d"], fields["dmin"], fields["sub_scales"], fields["sub_mins"])
-    else:
-        w = dequant_q3_k_fields(q, fields["d"], fields["sub_scales"])
+    if gguf_type not in NATIVE_PACKERS:
+        raise ConfigError(f"{gguf_type} is not a native GGUF type of any grid; known: {', '.join(NATIVE_PACKERS)}")
+    return MappedTensor(GGMLQuantizationType[gguf_type], NATIVE_PACKERS[gguf_type](fields), None, True)
+
+
+def map_float(w: np.ndarray, gguf_type: str) -> MappedTensor:
+    """Write a dequantized weight ``w`` float32 [rows, n] as F32 (exact) or F16 (measured).
+
+    Raises:
+        ConfigError: another type.
+    """
     if gguf_type == "F32":
-        return MappedTensor(GGMLQuantizationType.F32, w, None, True)
-    w16 = w.astype(np.float16)
-    return MappedTensor(GGMLQuantizationType.F16, w16, w16.astype(np.float32), False)
+        return MappedTensor(GGMLQuantizationType.F32, np.ascontiguousarray(w, dtype=np.float32), None, True)
+    if gguf_type == "F16":
+        w16 = w.astype(np.float16)
+        return MappedTensor(GGMLQuantizationType.F16, w16, w16.astype(np.float32), False)
+    raise ConfigError(f"map_float writes F32 or F16, not {gguf_type}")

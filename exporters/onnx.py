@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from rqat_deploy.errors import BackendError, ConfigError, ExportError
+from rqat_deploy.exporters.safetensors_io import refuse_non_uniform
 
 if TYPE_CHECKING:
     from rqat_deploy.quant.checkpoint import QuantizedCheckpoint
@@ -268,13 +269,7 @@ def decode_matmulnbits(
 def _check_checkpoint(ckpt: "QuantizedCheckpoint") -> int:
     """Refuse what the ONNX path cannot hold; return the container width."""
     meta = ckpt.meta
-    if meta.grid != "uniform":
-        kind = {2: "Q2_K", 3: "Q3_K"}.get(meta.bits, "k-quant")
-        raise ExportError(
-            f"{ckpt.path} uses the kquant grid ({kind} super-blocks with integer sub-scales); ONNX Runtime's "
-            f"MatMulNBits holds one scale and one zero point per block, so it cannot run these weights exactly. "
-            f"Export it with `--format gguf` (bit-exact {kind}), or train with --grid uniform for ONNX."
-        )
+    refuse_non_uniform(ckpt, "ONNX", "MatMulNBits (one scale and one zero point per block)")
     if meta.bits not in CONTAINER_BITS:
         raise ExportError(f"{ckpt.path}: {meta.bits}-bit checkpoints cannot be exported to ONNX (2, 3 or 4 bits)")
     g = meta.group_size

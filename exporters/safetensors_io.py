@@ -103,19 +103,32 @@ def open_uniform_checkpoint(ckpt_dir: str | os.PathLike[str], fmt: str) -> "Quan
 
     Raises:
         CheckpointError: the checkpoint is missing, corrupted or inconsistent.
-        ExportError: the checkpoint uses the ``kquant`` grid.
+        ExportError: the checkpoint's grid is not in the uniform layout (e.g. ``kquant``).
     """
     from rqat_deploy.quant.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(ckpt_dir)
-    if ckpt.meta.grid != "uniform":
-        kind = {2: "Q2_K", 3: "Q3_K"}.get(ckpt.meta.bits, "k-quant")
-        raise ExportError(
-            f"{ckpt.path} uses the kquant grid ({kind} super-blocks with integer sub-scales), which the {fmt} "
-            f"layout (one fp16 scale and one integer zero point per group) cannot hold exactly. Export it with "
-            f"`--format gguf` instead (bit-exact, and vLLM loads GGUF {kind} too), or train with --grid uniform."
-        )
+    refuse_non_uniform(ckpt, fmt, "layout (one fp16 scale and one integer zero point per group)")
     return ckpt
+
+
+def refuse_non_uniform(ckpt: "QuantizedCheckpoint", fmt: str, holds: str) -> None:
+    """Refuse a checkpoint whose grid is not in the uniform layout, pointing at its exact format.
+
+    Raises:
+        ExportError: naming the grid, what ``fmt`` holds and the format that is exact for the grid.
+    """
+    grid = ckpt.grid
+    if grid.uniform_layout:
+        return
+    exact = (
+        f"`--format gguf` instead (bit-exact {grid.gguf_type}, and vLLM loads GGUF {grid.gguf_type} too)"
+        if grid.gguf_type else "another format"
+    )
+    raise ExportError(
+        f"{ckpt.path} uses the {grid.label} grid, which the {fmt} {holds} cannot hold exactly. "
+        f"Export it with {exact}, or train with --grid uniform."
+    )
 
 
 def linear_module_names(config_dir: Path) -> list[str]:

@@ -6,6 +6,8 @@ Every error a user can cause derives from :class:`RqatError`, so the CLI can pri
 
 from __future__ import annotations
 
+import difflib
+
 
 class RqatError(Exception):
     """Base class of every error rqat-deploy raises on purpose."""
@@ -46,3 +48,9 @@ class DataError(RqatError, ValueError):
 class NonFiniteError(RqatError, ArithmeticError):
     """A NaN or inf in a training loss, gradient or quantization parameter; the message names where
     (stage, block or module, step) and which saved state is the last good one."""
+
+
+def did_you_mean(value: str, choices: tuple[str, ...] | list[str]) -> str:
+    """A ``" (did you mean 'x'?)"`` hint for a misspelled choice, or ``""``."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

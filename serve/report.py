@@ -351,12 +351,10 @@ def _dir_bits(path: Path) -> dict[str, Any]:
     quant = path / "rqat_quant.json"
     if quant.exists():
         meta = json.loads(quant.read_text())
+        from rqat_deploy.quant.grids import grid_for
+
         bits, grid, g = int(meta["bits"]), meta.get("grid", "uniform"), int(meta.get("group_size", 128))
-        if grid == "kquant":
-            bpw = {2: 2.625, 3: 3.4375}.get(bits)
-        else:
-            bpw = bits + (16 + 8) / g  # fp16 scale + uint8 zero per group
-        return {"bits": bits, "bits_per_weight": bpw, "grid": grid, "group_size": g}
+        return {"bits": bits, "bits_per_weight": grid_for(grid, bits, g).bits_per_weight(), "grid": grid, "group_size": g}
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         return {}

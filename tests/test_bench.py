@@ -411,7 +411,7 @@ def test_model_info_bits(tiny_exports: dict[str, Path]) -> None:
     hf = model_info(str(tiny_exports["hf"]), hashes=False)
     assert hf["kind"] == "hf" and hf["bits"] == 32
     ck = model_info(str(tiny_exports["ckpt"]), hashes=False)
-    assert ck["kind"] == "checkpoint" and ck["bits"] == 2 and ck["bits_per_weight"] == pytest.approx(2 + 24 / 128)
+    assert ck["kind"] == "checkpoint" and ck["bits"] == 2 and ck["bits_per_weight"] == pytest.approx(2 + (16 + 2) / 128)  # fp16 scale + 2-bit zero per group
     gg = model_info(str(tiny_exports["gguf"]))
     assert gg["kind"] == "gguf" and gg["bits_per_weight"] == pytest.approx(32.0)
     assert len(gg["files"]["tiny-f32.gguf"]["sha256"]) == 64

@@ -13,9 +13,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from rqat_deploy.quant import reference
 from rqat_deploy.errors import ConfigError, ShapeError
 from rqat_deploy.exporters import gguf_quants as gq
+from rqat_deploy.quant.grids import kquant as kq
+from rqat_deploy.quant.grids.uniform import dequantize_uniform
 
 ROWS, N = 16, 1024  # 4 super-blocks per row, 64 blocks in all
 
@@ -58,7 +59,7 @@ def test_pack_q2_k_bit_exact(rng: np.random.Generator) -> None:
     packed = gq.pack_q2_k(q, d, dmin, sc, mn)
     assert packed.dtype == np.uint8 and packed.shape == (ROWS, N // 256 * 84)
     got = dequantize(packed, T.Q2_K)
-    want = reference.dequantize_q2_k(*(torch.from_numpy(a) for a in (q, d, dmin, sc, mn))).numpy()
+    want = kq.dequantize_q2_k(*(torch.from_numpy(a) for a in (q, d, dmin, sc, mn))).numpy()
     with np.errstate(invalid="ignore", over="ignore"):
         assert _same(got, want)
         assert _same(got, gq.dequant_q2_k_fields(q, d, dmin, sc, mn))
@@ -74,7 +75,7 @@ def test_pack_q3_k_bit_exact(rng: np.random.Generator) -> None:
     packed = gq.pack_q3_k(q, d, s)
     assert packed.shape == (ROWS, N // 256 * 110)
     got = dequantize(packed, T.Q3_K)
-    want = reference.dequantize_q3_k(*(torch.from_numpy(a) for a in (q, d, s))).numpy()
+    want = kq.dequantize_q3_k(*(torch.from_numpy(a) for a in (q, d, s))).numpy()
     assert _same(got, want)
 
 
@@ -150,7 +151,7 @@ def _rtn_uniform(rng: np.random.Generator, bits: int, rows: int = 64, n: int = 1
 
 
 def _uniform_ref(q: np.ndarray, s: np.ndarray, z: np.ndarray, g: int) -> np.ndarray:
-    return reference.dequantize_uniform(torch.from_numpy(q), torch.from_numpy(s), torch.from_numpy(z), g).numpy()
+    return dequantize_uniform(torch.from_numpy(q), torch.from_numpy(s), torch.from_numpy(z), g).numpy()
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -243,7 +244,7 @@ def test_uniform_type_choices_refuse_impossible(rng: np.random.Generator) -> Non
 
 
 @pytest.mark.parametrize("bits", [2, 3])
-def test_map_kquant_exact(rng: np.random.Generator, bits: int) -> None:
+def test_pack_native_kquant_exact(rng: np.random.Generator, bits: int) -> None:
     if bits == 2:
         fields = {
             "qcodes": rng.integers(0, 4, (8, 512), dtype=np.uint8),
@@ -251,17 +252,17 @@ def test_map_kquant_exact(rng: np.random.Generator, bits: int) -> None:
             "sub_scales": rng.integers(0, 16, (8, 32), dtype=np.uint8),
             "sub_mins": rng.integers(0, 16, (8, 32), dtype=np.uint8),
         }
-        want = reference.dequantize_q2_k(*(torch.from_numpy(fields[k]) for k in ("qcodes", "d", "dmin", "sub_scales", "sub_mins")))
+        want = kq.dequantize_q2_k(*(torch.from_numpy(fields[k]) for k in ("qcodes", "d", "dmin", "sub_scales", "sub_mins")))
     else:
         fields = {
             "qcodes": rng.integers(0, 8, (8, 512), dtype=np.uint8),
             "d": _fp16_full_range(rng, (8, 2)),
             "sub_scales": rng.integers(-32, 32, (8, 32), dtype=np.int8),
         }
-        want = reference.dequantize_q3_k(*(torch.from_numpy(fields[k]) for k in ("qcodes", "d", "sub_scales")))
-    mt = gq.map_kquant(fields, bits, None)
+        want = kq.dequantize_q3_k(*(torch.from_numpy(fields[k]) for k in ("qcodes", "d", "sub_scales")))
+    mt = gq.pack_native(f"Q{bits}_K", fields)
     assert mt.exact and mt.qtype.name == f"Q{bits}_K"
     with np.errstate(invalid="ignore", over="ignore"):
         assert _same(dequantize(mt.data, mt.qtype), want.numpy())
     with pytest.raises(ConfigError, match="Q4_0"):
-        gq.map_kquant(fields, bits, "Q4_0")
+        gq.pack_native("Q4_0", fields)

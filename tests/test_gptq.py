@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 from rqat_deploy.errors import ShapeError
 from rqat_deploy.train.gptq import gptq_linear, gptq_quantize, run_gptq
 from rqat_deploy.quant.qlinear import QuantLinear
-from rqat_deploy.quant.quantizer import dequantize_tensors, quantizer_class
 from rqat_deploy.quant.spec import QuantSpec
 from rqat_deploy.quant.surgery import prepare_model, quant_linears
 
@@ -64,7 +63,7 @@ def test_gptq_beats_rtn_on_calibration_inputs(tiny_qwen3_dir: Path, grid: str, b
         ql, res = gptq_linear(lin, h, spec, name=n, compare_rtn=False)
         assert torch.equal(ql.codes(), res.qcodes)  # the codes the forward uses are GPTQ's
         assert torch.equal(ql.dequantized_weight(), res.weight)
-        assert torch.equal(dequantize_tensors(ql.checkpoint_tensors(), spec), res.weight)
+        assert torch.equal(spec.grid_def.dequantize(ql.checkpoint_tensors()), res.weight)
         rtn = QuantLinear.from_linear(lin, spec).dequantized_weight()
         w = lin.weight.detach().float()
         gptq_err, rtn_err = _out_err(x, res.weight, w), _out_err(x, rtn, w)
@@ -79,7 +78,7 @@ def test_identity_hessian_gives_rtn(grid: str, bits: int) -> None:
     spec = QuantSpec(bits=bits, grid=grid)
     w = torch.randn(16, 512, generator=torch.Generator().manual_seed(1)) * 0.05
     res = gptq_quantize(w, torch.eye(512), spec, damp=0.0)
-    rtn = QuantLinear(512, 16, None, quantizer_class(spec).from_weight(w, spec), spec, weight=w)
+    rtn = QuantLinear(512, 16, None, spec.grid_def.init(w), spec, weight=w)
     assert torch.equal(res.qcodes, rtn.codes())
     assert torch.equal(res.weight, rtn.dequantized_weight())
     assert res.rtn_output_mse == pytest.approx(res.output_mse)
@@ -118,7 +117,7 @@ def test_run_gptq_on_the_model(
     assert len(rep.layers) == len(mods) == (14 if not exclude else 8)
     assert all(r.output_mse < r.rtn_output_mse for r in rep.layers)
     for name, m in mods.items():
-        assert torch.equal(dequantize_tensors(m.checkpoint_tensors(), spec), m.dequantized_weight()), name
+        assert torch.equal(spec.grid_def.dequantize(m.checkpoint_tensors()), m.dequantized_weight()), name
         fp_lin = fp.get_submodule(name)
         if fp_lin.bias is not None:
             assert torch.equal(m.bias, fp_lin.bias)

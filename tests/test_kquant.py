@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from rqat_deploy.quant import reference
 from rqat_deploy.errors import ShapeError
-from rqat_deploy.quant.kquant import KQuantParams, init_q2_k, init_q3_k, llamacpp_q2_k, llamacpp_q3_k
+from rqat_deploy.quant.grids.kquant import KQuantParams
+from rqat_deploy.quant.grids.kquant_ggml import llamacpp_q2_k, llamacpp_q3_k
+from rqat_deploy.quant.grids.kquant_search import init_q2_k, init_q3_k
+from rqat_deploy.quant.grids import kquant as kq
 
 PORTS = {2: llamacpp_q2_k, 3: llamacpp_q3_k}
 OURS = {2: init_q2_k, 3: init_q3_k}
@@ -104,15 +106,15 @@ def _check_fields(p: KQuantParams, w: torch.Tensor) -> None:
         assert torch.isfinite(p.dmin.float()).all()
         for t in (p.sub_scales, p.sub_mins):
             assert t.dtype == torch.uint8 and t.shape == (out, k // 16) and int(t.max()) <= 15
-        codes = reference.q2_k_codes(w, p.d, p.dmin, p.sub_scales, p.sub_mins)
-        deq = reference.dequantize_q2_k(p.qcodes, p.d, p.dmin, p.sub_scales, p.sub_mins)
+        codes = kq.q2_k_codes(w, p.d, p.dmin, p.sub_scales, p.sub_mins)
+        deq = kq.dequantize_q2_k(p.qcodes, p.d, p.dmin, p.sub_scales, p.sub_mins)
     else:
         assert int(p.qcodes.max()) <= 7
         assert p.dmin is None and p.sub_mins is None
         assert p.sub_scales.dtype == torch.int8 and p.sub_scales.shape == (out, k // 16)
         assert -32 <= int(p.sub_scales.min()) and int(p.sub_scales.max()) <= 31
-        codes = reference.q3_k_codes(w, p.d, p.sub_scales)
-        deq = reference.dequantize_q3_k(p.qcodes, p.d, p.sub_scales)
+        codes = kq.q3_k_codes(w, p.d, p.sub_scales)
+        deq = kq.dequantize_q3_k(p.qcodes, p.d, p.sub_scales)
     assert torch.equal(p.qcodes, codes), "stored codes must be the forward's codes"
     assert torch.equal(p.dequantize(), deq)
     assert torch.isfinite(deq).all()
@@ -256,10 +258,10 @@ def test_q2_port_d_is_fp16_of_max_scale_over_15() -> None:
 
 
 def test_nearest_int_matches_ggml_trick() -> None:
-    from rqat_deploy.quant.kquant import _nearest_int
+    from rqat_deploy.quant.grids.kquant_ggml import nearest_int
 
     x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.49, -3.51, 1e6 + 0.5])
-    assert _nearest_int(x).tolist() == [-2, -2, 0, 0, 2, 2, 3, -4, 1000000]
+    assert nearest_int(x).tolist() == [-2, -2, 0, 0, 2, 2, 3, -4, 1000000]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +365,7 @@ def test_port_matches_ggml_bytes(ggml: ctypes.CDLL, name: str) -> None:
         if bits == 2:
             assert np.array_equal(p.dmin.numpy().view(np.uint16), ref["dmin"]), "Q2_K dmin"
             assert np.array_equal(p.sub_mins.numpy().astype(np.int64), ref["sub_mins"]), "Q2_K mins"
-            deq_ref = reference.dequantize_q2_k(
+            deq_ref = kq.dequantize_q2_k(
                 torch.from_numpy(ref["codes"]),
                 d_ref,
                 torch.from_numpy(ref["dmin"].view(np.float16)),
@@ -371,7 +373,7 @@ def test_port_matches_ggml_bytes(ggml: ctypes.CDLL, name: str) -> None:
                 torch.from_numpy(ref["sub_mins"]),
             )
         else:
-            deq_ref = reference.dequantize_q3_k(torch.from_numpy(ref["codes"]), d_ref, sc_ref)
+            deq_ref = kq.dequantize_q3_k(torch.from_numpy(ref["codes"]), d_ref, sc_ref)
         # ggml leaves stale codes in a sub-block whose d * sub_scale is 0 (it decodes to -dmin*m
         # whatever the codes); elsewhere the codes are identical
         live = (p.d.float().repeat_interleave(16, 1) * p.sub_scales.float() != 0).repeat_interleave(16, 1)

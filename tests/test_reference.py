@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from rqat_deploy.quant import reference as R
+from rqat_deploy.quant.grids.kquant import dequantize_q2_k, dequantize_q3_k
+from rqat_deploy.quant.grids.uniform import dequantize_uniform, rtn_uniform_init
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,7 @@ def test_rtn_uniform_init_properties() -> None:
     w = torch.randn(8, 256) * 0.05
     w[0, :128] = 0.0  # an all-zero group
     for bits in (2, 3, 4):
-        s, z = R.rtn_uniform_init(w, bits, 128)
+        s, z = rtn_uniform_init(w, bits, 128)
         assert torch.equal(s, s.half().float()) and torch.all(s > 0)
         assert torch.all((z >= 0) & (z <= 2**bits - 1)) and torch.equal(z, z.round())
         y = R.FakeQuantFn.apply(w, s, z, torch.zeros_like(s), 2**bits - 1, 128)
@@ -104,14 +106,14 @@ def test_checkpoint_formulas_match_design() -> None:
     sc, m = (torch.randint(0, 16, (out, k // 16), generator=gen, dtype=torch.uint8) for _ in range(2))
     idx256, idx16 = torch.arange(k) // 256, torch.arange(k) // 16
     want = d.float()[:, idx256] * sc.float()[:, idx16] * q2.float() - dmin.float()[:, idx256] * m.float()[:, idx16]
-    assert torch.equal(R.dequantize_q2_k(q2, d, dmin, sc, m), want)
+    assert torch.equal(dequantize_q2_k(q2, d, dmin, sc, m), want)
 
     q3 = torch.randint(0, 8, (out, k), generator=gen, dtype=torch.uint8)
     sc3 = torch.randint(-32, 32, (out, k // 16), generator=gen, dtype=torch.int8)
     want3 = d.float()[:, idx256] * sc3.float()[:, idx16] * (q3.float() - 4)
-    assert torch.equal(R.dequantize_q3_k(q3, d, sc3), want3)
+    assert torch.equal(dequantize_q3_k(q3, d, sc3), want3)
 
     qu = torch.randint(0, 8, (out, k), generator=gen, dtype=torch.uint8)
     scales, zeros = torch.rand(out, k // 128, generator=gen).half(), torch.randint(0, 8, (out, k // 128), generator=gen, dtype=torch.uint8)
     idx = torch.arange(k) // 128
-    assert torch.equal(R.dequantize_uniform(qu, scales, zeros, 128), scales.float()[:, idx] * (qu.float() - zeros.float()[:, idx]))
+    assert torch.equal(dequantize_uniform(qu, scales, zeros, 128), scales.float()[:, idx] * (qu.float() - zeros.float()[:, idx]))

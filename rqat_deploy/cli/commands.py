@@ -47,7 +47,7 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     norm = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(norm) - known)
     if unknown:
-        from rqat_deploy.quant.spec import did_you_mean
+        from rqat_deploy.errors import did_you_mean
 
         hints = "; ".join(f"{k!r}{did_you_mean(k, sorted(known))}" for k in unknown)
         raise click.BadParameter(f"unknown keys in {value}: {hints}", param_hint="--config")

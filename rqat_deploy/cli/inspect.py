@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -29,29 +30,21 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: not a valid checkpoint.
     """
     ckpt = read_checkpoint(path)
-    spec = ckpt.spec
-    n_quant = n_float = side_bits = 0
-    for name in ckpt.tensor_names():
-        shape = ckpt.shape(name)
-        numel = 1
-        for d in shape:
-            numel *= d
-        module, _, leaf = name.rpartition(".")
-        if module in ckpt.meta.modules and leaf != "bias":
-            if leaf == "qcodes":
-                n_quant += numel
-            else:
-                width = 16 if ckpt.dtype(name) == "F16" else (4 if leaf.startswith("sub_") and spec.bits == 2 else (6 if leaf.startswith("sub_") else spec.bits))
-                side_bits += numel * width
-        else:
-            n_float += numel
-    bpw = (n_quant * spec.bits + side_bits) / max(n_quant, 1)
+    grid = ckpt.grid
+    n_quant = stored_bits = 0
+    for m in ckpt.meta.modules:
+        layout = grid.layout(*ckpt.shape(f"{m}.qcodes"))
+        n_quant += math.prod(layout["qcodes"].shape)
+        stored_bits += sum(math.prod(t.shape) * t.bits for t in layout.values())
+    quant_names = {f"{m}.{n}" for m in ckpt.meta.modules for n in grid.tensor_names()}
+    n_float = sum(math.prod(ckpt.shape(n)) for n in ckpt.tensor_names() if n not in quant_names)
+    bpw = stored_bits / max(n_quant, 1)
     return {
         "path": str(ckpt.path),
         "base_model": ckpt.meta.base_model,
         "architecture": (ckpt.config.get("architectures") or ["?"])[0],
-        "grid": spec.grid + (f" ({spec.gguf_type})" if spec.gguf_type else ""),
-        "bits": spec.bits,
+        "grid": grid.label,
+        "bits": grid.bits,
         "group_size": ckpt.meta.group_size,
         "quantized_modules": len(ckpt.meta.modules),
         "quantized_weights": n_quant,

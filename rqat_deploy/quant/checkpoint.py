@@ -20,8 +20,8 @@ from torch import nn
 from rqat_deploy.errors import CheckpointError, ConfigError
 from rqat_deploy.files import staged_dir
 from rqat_deploy.shards import DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, ShardedWriter
-from rqat_deploy.quant.quantizer import checkpoint_layout, dequantize_tensors
-from rqat_deploy.quant.spec import QK_K, QuantSpec
+from rqat_deploy.quant.grids import Grid
+from rqat_deploy.quant.spec import QuantSpec
 
 FORMAT_VERSION = 1
 QUANT_FILE = "rqat_quant.json"
@@ -38,14 +38,6 @@ MODEL_FILES = (
     "merges.txt",
     "added_tokens.json",
 )
-_RANGES = {  # (grid, bits, tensor) -> (lo, hi) integer range
-    "qcodes": lambda s: (0, s.qmax),
-    "zeros": lambda s: (0, s.qmax),
-    "sub_scales": lambda s: (0, 15) if s.bits == 2 else (-32, 31),
-    "sub_mins": lambda s: (0, 15),
-}
-
-
 @dataclass(frozen=True)
 class QuantMeta:
     """The parsed ``rqat_quant.json``."""
@@ -61,7 +53,7 @@ class QuantMeta:
     @property
     def spec(self) -> QuantSpec:
         """The :class:`QuantSpec` the checkpoint was made with."""
-        return QuantSpec(bits=self.bits, grid=self.grid, group_size=self.group_size if self.grid == "uniform" else 128)
+        return QuantSpec(bits=self.bits, grid=self.grid, group_size=self.group_size)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,11 +94,11 @@ def _parse_meta(path: Path) -> QuantMeta:
         recipe=raw.get("recipe", {}),
     )
     try:
-        meta.spec
+        grid = meta.spec.grid_def
     except ConfigError as e:
         raise CheckpointError(f"{f}: {e}") from e
-    if meta.grid == "kquant" and meta.group_size != QK_K:
-        raise CheckpointError(f"{f}: kquant checkpoints have group_size {QK_K}, got {meta.group_size}")
+    if grid.group_size != meta.group_size:
+        raise CheckpointError(f"{f}: {grid.label} checkpoints have group_size {grid.group_size}, got {meta.group_size}")
     return meta
 
 
@@ -116,10 +108,22 @@ class QuantizedCheckpoint:
     Use :func:`read_checkpoint` to open one.
     """
 
-    def __init__(self, path: Path, meta: QuantMeta, config: dict[str, Any], files: SafetensorsDir) -> None:
-        self.path, self.meta, self.config = path, meta, config
-        self.files = files
-        self.spec: QuantSpec | None = None if meta.grid == "float" else meta.spec  # None: read_float_model
+    def __init__(
+        self, path: Path, meta: QuantMeta, config: dict[str, Any], files: SafetensorsDir, spec: QuantSpec | None
+    ) -> None:
+        self.path, self.meta, self.config, self.files = path, meta, config, files
+        self.spec = spec  # None: a float model (read_float_model)
+
+    @property
+    def grid(self) -> Grid:
+        """The checkpoint's grid (:mod:`rqat_deploy.quant.grids`).
+
+        Raises:
+            CheckpointError: a float model (:func:`read_float_model`) has no grid.
+        """
+        if self.spec is None:
+            raise CheckpointError(f"{self.path} is a full-precision model: it has no quantization grid")
+        return self.spec.grid_def
 
     def tensor_names(self) -> list[str]:
         """Every tensor name stored in the checkpoint."""
@@ -143,25 +147,20 @@ class QuantizedCheckpoint:
         """
         if module not in self.meta.modules:
             raise CheckpointError(f"{module!r} is not a quantized module of {self.path}")
-        out_f, in_f = self.shape(f"{module}.qcodes")
-        t = {n: self.tensor(f"{module}.{n}") for n in checkpoint_layout(self.spec, out_f, in_f)}
-        for n, v in t.items():
-            if n in _RANGES:
-                lo, hi = _RANGES[n](self.spec)
-                vmin, vmax = int(v.min()), int(v.max())
-                if vmin < lo or vmax > hi:
-                    raise CheckpointError(
-                        f"{self.path}: {module}.{n} holds values {vmin}..{vmax} outside {lo}..{hi}: corrupted checkpoint"
-                    )
+        t = {n: self.tensor(f"{module}.{n}") for n in self.grid.tensor_names()}
+        try:
+            self.grid.check_tensors(module, t)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from e
         return t
 
     def dequantized_weight(self, module: str) -> torch.Tensor:
         """The float32 weight ``[out, in]`` of ``module``: *the* trained weight (DESIGN.md 3)."""
-        return dequantize_tensors(self.quant_tensors(module), self.spec)
+        return self.grid.dequantize(self.quant_tensors(module))
 
     def float_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor that is not part of a quantized module's codes/scales (embeddings, norms, biases...)."""
-        quant = {f"{m}.{n}" for m in self.meta.modules for n in checkpoint_layout(self.spec, 1, QK_K * 4)}
+        quant = {f"{m}.{n}" for m in self.meta.modules for n in self.grid.tensor_names()} if self.spec else set()
         for name in self.files.names():
             if name not in quant:
                 yield name, self.tensor(name)
@@ -200,9 +199,9 @@ class QuantizedCheckpoint:
             shape = self.shape(f"{m}.qcodes")
             if len(shape) != 2:
                 raise CheckpointError(f"{self.path}: {m}.qcodes must be 2-D [out, in], got {shape}")
-            if shape[1] % self.spec.block_size:
-                raise CheckpointError(f"{self.path}: {m}.qcodes has in={shape[1]}, not a multiple of {self.spec.block_size}")
-            for n, (dtype, want) in checkpoint_layout(self.spec, *shape).items():
+            if shape[1] % self.grid.block_size:
+                raise CheckpointError(f"{self.path}: {m}.qcodes has in={shape[1]}, not a multiple of {self.grid.block_size}")
+            for n, (dtype, want, *_) in self.grid.layout(*shape).items():
                 key = f"{m}.{n}"
                 if key not in self.files.where:
                     raise CheckpointError(f"{self.path}: quantized module {m!r} lacks the tensor {key!r}")
@@ -231,7 +230,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> QuantizedCheckpoint:
     meta = _parse_meta(p)
     if not (p / "config.json").exists():
         raise CheckpointError(f"{p}: config.json is missing")
-    ckpt = QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), SafetensorsDir(p))
+    ckpt = QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), SafetensorsDir(p), meta.spec)
     ckpt.validate()
     return ckpt
 
@@ -256,7 +255,7 @@ def read_float_model(path: str | os.PathLike[str]) -> QuantizedCheckpoint:
         raise CheckpointError(f"{p} is not a model directory: config.json is missing")
     meta = QuantMeta(format_version=FORMAT_VERSION, bits=16, grid="float", group_size=0, modules=[],
                      base_model=p.resolve().name)
-    return QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), SafetensorsDir(p))
+    return QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), SafetensorsDir(p), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +326,7 @@ def save_checkpoint(
     specs = {mod.spec for _, mod in quant_linears(model)}
     if not specs:
         raise CheckpointError("the model has no quantized Linear: run prepare_model first")
-    if len({(s.bits, s.grid, s.group_size) for s in specs}) > 1:
+    if len({s.grid_def for s in specs}) > 1:
         raise CheckpointError(f"all quantized modules must share one spec, found {specs}")
     spec = specs.pop()
     with staged_dir(out, force) as tmp:
@@ -345,7 +344,7 @@ def save_checkpoint(
             format_version=FORMAT_VERSION,
             bits=spec.bits,
             grid=spec.grid,
-            group_size=spec.block_size,
+            group_size=spec.grid_def.group_size,
             modules=modules,
             base_model=base_model,
             recipe=recipe or {},
@@ -386,7 +385,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from rqat_deploy.quant.qlinear import QuantLinear
-    from rqat_deploy.quant.surgery import _set_submodule
+    from rqat_deploy.quant.surgery import set_submodule
 
     if form not in ("dequantized", "stage2"):
         raise ConfigError(f"form must be 'dequantized' or 'stage2', got {form!r}")
@@ -405,10 +404,10 @@ def load_model(
                 f"{ckpt.path}: {m}.qcodes has shape {list(t['qcodes'].shape)} but the model expects {list(linear.weight.shape)}"
             )
         if form == "dequantized":
-            state[f"{m}.weight"] = dequantize_tensors(t, ckpt.spec)
+            state[f"{m}.weight"] = ckpt.grid.dequantize(t)
         else:
             bias = state.pop(f"{m}.bias", None)
-            _set_submodule(model, m, QuantLinear.from_checkpoint(t, bias, ckpt.spec, backend))
+            set_submodule(model, m, QuantLinear.from_checkpoint(t, bias, ckpt.spec, backend))
     result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
     if result.unexpected_keys:
         raise CheckpointError(f"{ckpt.path}: tensors not in the model: {result.unexpected_keys[:5]}")

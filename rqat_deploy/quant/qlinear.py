@@ -17,7 +17,7 @@ from torch import nn
 
 from rqat_deploy.quant import backend
 from rqat_deploy.quant import reference
-from rqat_deploy.quant.quantizer import GridQuantizer, quantizer_class
+from rqat_deploy.quant.grids import GridQuantizer
 from rqat_deploy.quant.spec import QuantSpec
 
 
@@ -59,7 +59,7 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec, backend: str | None = None) -> "QuantLinear":
         """Stage-1 QuantLinear initialised from a float Linear (RTN / k-quant search)."""
         w = linear.weight.detach()
-        q = quantizer_class(spec).from_weight(w.float(), spec).to(w.device)
+        q = spec.grid_def.init(w.float()).to(w.device)
         return cls(linear.in_features, linear.out_features, linear.bias, q, spec, weight=w, backend=backend)
 
     @classmethod
@@ -67,7 +67,7 @@ class QuantLinear(nn.Module):
         cls, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, spec: QuantSpec, backend: str | None = None
     ) -> "QuantLinear":
         """Stage-2 QuantLinear from one module's checkpoint tensors (``qcodes``, scales...)."""
-        q = quantizer_class(spec).from_checkpoint(tensors, spec)
+        q = spec.grid_def.from_checkpoint(tensors)
         out_f, in_f = tensors["qcodes"].shape
         return cls(in_f, out_f, bias, q, spec, qcodes=tensors["qcodes"], backend=backend)
 

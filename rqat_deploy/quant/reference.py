@@ -37,8 +37,6 @@ import torch
 
 from rqat_deploy.errors import ShapeError
 
-QK_K = 256  # k-quant super-block size (llama.cpp's QK_K)
-K_SUB = 16  # k-quant sub-block size
 MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal); uniform scales are clamped to it
 FP16_MAX = 65504.0  # largest finite fp16; trained fp16 scales are clamped to it
 
@@ -229,84 +227,3 @@ class DequantFn(torch.autograd.Function):
         q, z = ctx.saved_tensors
         grad_s, grad_o = dequant_backward(g.float().contiguous(), q, z, ctx.gs)
         return None, grad_s, None, grad_o, None
-
-
-# ---------------------------------------------------------------------------------------------
-# grids: initial parameters and checkpoint formulas (DESIGN.md 3)
-# ---------------------------------------------------------------------------------------------
-
-
-def rtn_uniform_init(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max round-to-nearest parameters of the asymmetric uniform grid.
-
-    ``scale = fp16(max(max - min, eps) / qmax)`` per group (min/max include 0, so zero is exact),
-    ``zero = clamp(round(-min / scale), 0, qmax)``.
-
-    Args:
-        w: weight ``[out, in]``.
-        bits: 2, 3 or 4.
-        group_size: G, dividing ``in``.
-
-    Returns:
-        ``scales`` float32 (fp16-representable) and ``zeros`` float32 integers, both ``[out, in/G]``.
-    """
-    out, k = w.shape
-    if k % group_size:
-        raise ShapeError(f"in_features {k} is not a multiple of group size {group_size}")
-    qmax = 2**bits - 1
-    g = w.detach().float().reshape(out, k // group_size, group_size)  # [out, in/G, G]
-    lo = g.amin(-1).clamp(max=0)
-    hi = g.amax(-1).clamp(min=0)
-    scale = fp16_round(((hi - lo) / qmax).clamp(min=MIN_SCALE)).clamp(min=MIN_SCALE)  # [out, in/G]
-    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    return scale, zero
-
-
-def dequantize_uniform(
-    qcodes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """``W[o,i] = scales[o,i//G] * (qcodes[o,i] - zeros[o,i//G])`` in float32."""
-    return dequant(qcodes.float(), scales.float(), zeros.float(), torch.zeros_like(scales, dtype=torch.float32), group_size)
-
-
-def q2_k_effective(
-    d: torch.Tensor, dmin: torch.Tensor, sub_scales: torch.Tensor, sub_mins: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-16 ``(s, z, o)`` of Q2_K: ``s = d*sc``, ``z = 0``, ``o = dmin*m`` (float32, ``[R, in/16]``)."""
-    s = expand_groups(d.float(), QK_K // K_SUB) * sub_scales.float()
-    o = expand_groups(dmin.float(), QK_K // K_SUB) * sub_mins.float()
-    return s, torch.zeros_like(s), o
-
-
-def q3_k_effective(d: torch.Tensor, sub_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-16 ``(s, z, o)`` of Q3_K: ``s = d*sc``, ``z = 4``, ``o = 0`` (float32, ``[R, in/16]``)."""
-    s = expand_groups(d.float(), QK_K // K_SUB) * sub_scales.float()
-    return s, torch.full_like(s, 4.0), torch.zeros_like(s)
-
-
-def dequantize_q2_k(
-    qcodes: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, sub_scales: torch.Tensor, sub_mins: torch.Tensor
-) -> torch.Tensor:
-    """``W = d*sub_scales*q - dmin*sub_mins`` in float32 (Q2_K, DESIGN.md 3)."""
-    s, z, o = q2_k_effective(d, dmin, sub_scales, sub_mins)
-    return dequant(qcodes.float(), s, z, o, K_SUB)
-
-
-def dequantize_q3_k(qcodes: torch.Tensor, d: torch.Tensor, sub_scales: torch.Tensor) -> torch.Tensor:
-    """``W = d*sub_scales*(qcodes - 4)`` in float32 (Q3_K, DESIGN.md 3)."""
-    s, z, o = q3_k_effective(d, sub_scales)
-    return dequant(qcodes.float(), s, z, o, K_SUB)
-
-
-def q2_k_codes(
-    w: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, sub_scales: torch.Tensor, sub_mins: torch.Tensor
-) -> torch.Tensor:
-    """The Q2_K codes the forward uses for weight ``w`` (uint8 ``[out, in]``, 0..3)."""
-    s, z, o = q2_k_effective(d, dmin, sub_scales, sub_mins)
-    return quantize_codes(w.float(), s, z, o, 3, K_SUB).to(torch.uint8)
-
-
-def q3_k_codes(w: torch.Tensor, d: torch.Tensor, sub_scales: torch.Tensor) -> torch.Tensor:
-    """The Q3_K codes (``q + 4``) the forward uses for weight ``w`` (uint8 ``[out, in]``, 0..7)."""
-    s, z, o = q3_k_effective(d, sub_scales)
-    return quantize_codes(w.float(), s, z, o, 7, K_SUB).to(torch.uint8)

@@ -2,28 +2,23 @@
 
 >>> QuantSpec(bits=2, grid="uniform", group_size=128)
 QuantSpec(bits=2, grid='uniform', group_size=128, exclude=(), quantize_lm_head=False)
+
+*How* is a grid of :mod:`rqat_deploy.quant.grids` (``spec.grid_def``); the spec adds *what*: which
+modules are left in floating point.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, Mapping
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Mapping
 
-from rqat_deploy.errors import ConfigError, ShapeError
+from rqat_deploy.errors import ConfigError, did_you_mean
 
-GRIDS = ("uniform", "kquant")
-BITS = (2, 3, 4)
-KQUANT_TYPES = {2: "Q2_K", 3: "Q3_K"}
-QK_K = 256  # llama.cpp k-quant super-block
-
-
-def did_you_mean(value: str, choices: tuple[str, ...] | list[str]) -> str:
-    """A ``" (did you mean 'x'?)"`` hint for a misspelled choice, or ``""``."""
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+if TYPE_CHECKING:
+    from rqat_deploy.quant.grids import Grid
 
 
 @dataclass(frozen=True)
@@ -31,11 +26,12 @@ class QuantSpec:
     """How the weights of a model are quantized.
 
     Attributes:
-        bits: 2, 3 or 4.
-        grid: ``"uniform"`` (asymmetric, per-group fp16 scale and integer zero point, the paper's)
-            or ``"kquant"`` (llama.cpp's Q2_K for 2 bits, Q3_K for 3 bits; exact in GGUF).
-        group_size: uniform grid group size G along the input dimension (a power of two, 16..1024).
-            The k-quant grid has fixed 256-weight super-blocks and ignores it.
+        bits: the code width (which widths exist depends on the grid: ``grid_bits(grid)``).
+        grid: a registered grid name (:func:`rqat_deploy.quant.grids.grid_names`): ``"uniform"``
+            (asymmetric, per-group fp16 scale and integer zero point, the paper's), ``"kquant"``
+            (llama.cpp's Q2_K / Q3_K, exact in GGUF)...
+        group_size: the uniform grid's group size G along the input dimension (a power of two,
+            16..1024); grids with a fixed block (k-quants) ignore it.
         exclude: ``fnmatch`` patterns of module names left in floating point
             (e.g. ``"*.mlp.down_proj"``).
         quantize_lm_head: also quantize the output projection (only for untied embeddings).
@@ -51,20 +47,16 @@ class QuantSpec:
     quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in BITS:
-            raise ConfigError(f"bits must be one of {BITS}, got {self.bits!r}")
-        if self.grid not in GRIDS:
-            raise ConfigError(f"grid must be one of {GRIDS}, got {self.grid!r}{did_you_mean(self.grid, GRIDS)}")
-        if self.grid == "kquant" and self.bits not in KQUANT_TYPES:
-            raise ConfigError(
-                f"the kquant grid exists for 2 bits (Q2_K) and 3 bits (Q3_K), not {self.bits}; "
-                "use --grid uniform for 4 bits"
-            )
-        g = self.group_size
-        if not isinstance(g, int) or g < 16 or g > 1024 or g & (g - 1):
-            raise ConfigError(f"group_size must be a power of two between 16 and 1024, got {g!r}")
+        self.grid_def  # validates grid, bits and group size
         if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
             raise ConfigError(f"exclude must be a sequence of module-name patterns, got {self.exclude!r}")
+
+    @cached_property
+    def grid_def(self) -> "Grid":
+        """The grid these fields name (:func:`rqat_deploy.quant.grids.grid_for`)."""
+        from rqat_deploy.quant.grids import grid_for
+
+        return grid_for(self.grid, self.bits, self.group_size)
 
     @property
     def qmax(self) -> int:
@@ -73,44 +65,26 @@ class QuantSpec:
 
     @property
     def block_size(self) -> int:
-        """The input-dimension block the grid needs: ``group_size`` (uniform) or 256 (kquant)."""
-        return QK_K if self.grid == "kquant" else self.group_size
+        """The input-dimension block the grid needs (uniform: ``group_size``; k-quants: 256)."""
+        return self.grid_def.block_size
 
     @property
     def gguf_type(self) -> str | None:
-        """The GGUF type the kquant grid is exact in (``Q2_K``/``Q3_K``), ``None`` for uniform."""
-        return KQUANT_TYPES[self.bits] if self.grid == "kquant" else None
+        """The GGUF type the grid is exact in (``Q2_K``/``Q3_K``...), ``None`` if none."""
+        return self.grid_def.gguf_type
 
     def is_excluded(self, name: str) -> bool:
         """Whether module ``name`` matches one of the ``exclude`` patterns."""
         return any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
 
     def check_module(self, name: str, in_features: int) -> None:
-        """Raise :class:`ShapeError` if module ``name`` cannot be quantized on this grid.
-
-        Args:
-            name: the module's name in the model (for the message).
-            in_features: its input size.
-
-        Raises:
-            ShapeError: ``in_features`` is not a multiple of the grid's block, with the fix.
-        """
-        b = self.block_size
-        if in_features % b == 0:
-            return
-        if self.grid == "kquant":
-            fix = "use --grid uniform with a group size that divides it"
-        else:
-            fits = [g for g in (1024, 512, 256, 128, 64, 32, 16) if in_features % g == 0]
-            fix = f"use --group-size {fits[0]}" if fits else "no power-of-two group size divides it"
-        raise ShapeError(
-            f"module {name!r} has in_features={in_features}, which the {self.grid} grid cannot "
-            f"divide into blocks of {b}: {fix}, or leave it unquantized with --exclude '{name}'"
-        )
+        """Raise :class:`~rqat_deploy.errors.ShapeError` (naming the fix) if module ``name`` with
+        ``in_features`` inputs cannot be quantized on this grid."""
+        self.grid_def.check_in_features(name, in_features)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields."""
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["exclude"] = list(self.exclude)
         return d
 

@@ -53,7 +53,8 @@ def select_linears(model: nn.Module, spec: QuantSpec) -> list[str]:
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` of ``model`` by ``new``."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -75,7 +76,7 @@ def prepare_model(
     names = select_linears(model, spec)
     for name in tqdm(names, desc=f"init {spec.grid} int{spec.bits}", disable=not progress, leave=False):
         linear = model.get_submodule(name)
-        _set_submodule(model, name, QuantLinear.from_linear(linear, spec, backend))
+        set_submodule(model, name, QuantLinear.from_linear(linear, spec, backend))
     return names
 
 
@@ -110,5 +111,5 @@ def convert_model(model: nn.Module) -> nn.Module:
         lin.weight.data = w.to(lin.weight.dtype)
         if mod.bias is not None:
             lin.bias.data = mod.bias.detach().clone()
-        _set_submodule(model, name, lin)
+        set_submodule(model, name, lin)
     return model

@@ -6,10 +6,9 @@ at a time and each column's rounding error is spread over the columns not yet qu
 Cholesky factor of ``H^-1`` (lazy batches of ``block_size`` columns). Grid parameters come from the
 error-updated weights when a group starts, as GPTQ does with a group size:
 
-- uniform: min-max scale / zero point of each group of ``G`` columns
-  (:func:`rqat_deploy.quant.reference.rtn_uniform_init`);
-- kquant: llama.cpp's super-block parameters of each 256 columns from our k-quant search
-  (:func:`rqat_deploy.quant.kquant.init_q2_k` / ``init_q3_k``), then codes column by column.
+each grid's own initialisation (:meth:`rqat_deploy.quant.grids.Grid.init`) on the columns that
+share parameters: min-max scale / zero point of each group of ``G`` columns on the uniform grid,
+our k-quant search on each 256-column super-block of Q2_K / Q3_K; then codes column by column.
 
 ``act_order`` quantizes columns by decreasing ``diag(H)``; the groups must stay contiguous in the
 checkpoint formats, so the grid parameters are then computed up front from the original weight
@@ -46,9 +45,9 @@ from rqat_deploy.train.activations import (
 )
 from rqat_deploy.errors import ConfigError, RqatError, ShapeError
 from rqat_deploy.quant.qlinear import QuantLinear
-from rqat_deploy.quant.quantizer import GridQuantizer, quantizer_class
+from rqat_deploy.quant.grids import Grid, GridQuantizer
 from rqat_deploy.quant.spec import QuantSpec
-from rqat_deploy.quant.surgery import _set_submodule, select_linears
+from rqat_deploy.quant.surgery import select_linears, set_submodule
 
 GroupParams = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -77,26 +76,14 @@ class GPTQResult:
 
     def quantizer(self, spec: QuantSpec) -> GridQuantizer:
         """The grid quantizer holding these parameters."""
-        return quantizer_class(spec).from_checkpoint(self.params, spec)
+        return spec.grid_def.from_checkpoint(self.params)
 
 
-def _group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[dict[str, torch.Tensor], GroupParams]:
-    """Grid parameters of one group / super-block ``w`` ``[out, gsz]``: checkpoint tensors and ``(s, z, o)``."""
-    if spec.grid == "uniform":
-        scale, zero = reference.rtn_uniform_init(w, spec.bits, spec.group_size)
-        t = {"scales": scale, "zeros": zero}
-    elif spec.bits == 2:
-        from rqat_deploy.quant.kquant import init_q2_k
-
-        p = init_q2_k(w)
-        t = {"d": p.d, "dmin": p.dmin, "sub_scales": p.sub_scales, "sub_mins": p.sub_mins}
-    else:
-        from rqat_deploy.quant.kquant import init_q3_k
-
-        p = init_q3_k(w)
-        t = {"d": p.d, "sub_scales": p.sub_scales}
-    t = {k: v.float() for k, v in t.items()}
-    return t, _effective(quantizer_class(spec).from_checkpoint(t, spec))
+def _group_params(w: torch.Tensor, grid: Grid) -> tuple[dict[str, torch.Tensor], GroupParams]:
+    """Grid parameters of one group / super-block ``w`` ``[out, group]``: checkpoint tensors (float32)
+    and ``(s, z, o)``."""
+    t = {k: v.float() for k, v in grid.init(w).params().items()}
+    return t, _effective(grid.from_checkpoint(t))
 
 
 def _effective(q: GridQuantizer) -> GroupParams:
@@ -111,8 +98,8 @@ def _output_mse(e: torch.Tensor, h: torch.Tensor) -> float:
     return float(((e64 @ h.double()) * e64).sum() / (2 * e.shape[0]))
 
 
-def _rtn_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    q = quantizer_class(spec).from_weight(w, spec)
+def _rtn_weight(w: torch.Tensor, grid: Grid) -> torch.Tensor:
+    q = grid.init(w)
     s, z, o = _effective(q)
     codes = reference.quantize_codes(w, s, z, o, q.qmax, q.gs)
     return reference.dequant(codes, s, z, o, q.gs)
@@ -151,9 +138,9 @@ def gptq_quantize(
     if tuple(h.shape) != (cols, cols):
         raise ShapeError(f"Hessian {list(h.shape)} does not match weight {list(w.shape)}")
     spec.check_module("weight", cols)
-    gsz = spec.block_size  # columns sharing grid parameters (G, or the 256 super-block)
-    qz = quantizer_class(spec)
-    gs, qmax = (spec.group_size, spec.qmax) if spec.grid == "uniform" else (qz.gs, qz.qmax)
+    grid = spec.grid_def
+    gsz = grid.group_size  # columns sharing grid parameters (G, or the 256 super-block)
+    gs, qmax = grid.gs, grid.qmax  # groups of the unified form
     h0 = h.float()
     W = w.detach().float().clone()  # [out, in]
     H = h0.clone()
@@ -166,7 +153,7 @@ def gptq_quantize(
     order: list[int] = []
     if act_order:
         for g0 in range(0, cols, gsz):
-            t, p = _group_params(W[:, g0 : g0 + gsz], spec)
+            t, p = _group_params(W[:, g0 : g0 + gsz], grid)
             static_t.append(t)
             static.append(p)
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -190,7 +177,7 @@ def gptq_quantize(
                 cur, j = static[oc // gsz], (oc % gsz) // gs
             else:
                 if col % gsz == 0:
-                    t, cur = _group_params(W1[:, i : i + gsz], spec)
+                    t, cur = _group_params(W1[:, i : i + gsz], grid)
                     tensors.append(t)
                 j = (col % gsz) // gs
             assert cur is not None
@@ -210,12 +197,12 @@ def gptq_quantize(
         inv = torch.argsort(perm)
         Q, Wq = Q[:, inv], Wq[:, inv]
     params = {k: torch.cat([t[k] for t in tensors], dim=1) for k in tensors[0]}
-    s, z, o = _effective(qz.from_checkpoint(params, spec))
+    s, z, o = _effective(grid.from_checkpoint(params))
     weight = reference.dequant(Q, s, z, o, gs)
     codes = reference.quantize_codes(weight, s, z, o, qmax, gs)
     if not (torch.equal(weight, Wq) and torch.equal(codes, Q)):  # pragma: no cover - same operations
         raise RqatError("GPTQ: the per-column quantization differs from the reference form (internal error)")
-    rtn = _output_mse(_rtn_weight(w.float(), spec) - w.float(), h0) if compare_rtn else None
+    rtn = _output_mse(_rtn_weight(w.float(), grid) - w.float(), h0) if compare_rtn else None
     return GPTQResult(
         qcodes=Q.to(torch.uint8),
         params=params,
@@ -465,7 +452,7 @@ def run_gptq(
                         lin, hs.pop(rel), spec, name=prefix + rel, backend=backend,
                         damp=damp, block_size=block_size, act_order=act_order, compare_rtn=compare_rtn,
                     )
-                    _set_submodule(block, rel, ql)
+                    set_submodule(block, rel, ql)
                     secs = time.perf_counter() - t1
                     reports.append(GPTQLayerReport(prefix + rel, res.output_mse, res.rtn_output_mse, secs))
             with torch.no_grad():
@@ -475,7 +462,7 @@ def run_gptq(
             block.to(home)
         outside = [s for s in selected if s not in in_blocks]
         for name in outside:
-            _set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), spec, backend))
+            set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), spec, backend))
     finally:
         st.close(delete=True)
         if tmp is not None:

@@ -32,7 +32,8 @@ from typing import Any
 
 from rqat_deploy import __version__
 from rqat_deploy.errors import ConfigError, OutputExistsError
-from rqat_deploy.quant.spec import QuantSpec, did_you_mean
+from rqat_deploy.errors import did_you_mean
+from rqat_deploy.quant.spec import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -294,11 +295,6 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
     return path
 
 
-def _grid_key(spec: QuantSpec) -> tuple[int, str, int]:
-    """What must match for a checkpoint's codes to be trained under ``spec`` (kquant has no group size)."""
-    return spec.bits, spec.grid, spec.group_size if spec.grid == "uniform" else 0
-
-
 def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> Any:
     """Stage 1 or GPTQ on a copy of ``teacher``; the result is saved in the work dir for resume."""
     from rqat_deploy.train import distributed as dist_utils
@@ -309,7 +305,7 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
     init_ckpt = cfg.work_path / "init"
     if cfg.init_from is not None:  # a finished initialisation to share between stage-2 runs
         meta = read_checkpoint(cfg.init_from).meta
-        if _grid_key(meta.spec) != _grid_key(cfg.quant):
+        if meta.spec.grid_def != cfg.quant.grid_def:  # same grid, bits and group size
             raise ConfigError(
                 f"--init-from {cfg.init_from} holds {meta.bits}-bit {meta.grid} weights (group {meta.group_size}), "
                 f"not {cfg.quant.bits}-bit {cfg.quant.grid} (group {cfg.quant.group_size}); "

@@ -59,9 +59,8 @@ from rqat_deploy.train.activations import (
 from rqat_deploy.errors import CheckpointError, ConfigError, NonFiniteError, ShapeError
 from rqat_deploy.files import atomic_write_json, staged_file
 from rqat_deploy.quant.qlinear import QuantLinear
-from rqat_deploy.quant.quantizer import checkpoint_layout, quantizer_class
 from rqat_deploy.quant.spec import QuantSpec
-from rqat_deploy.quant.surgery import _set_submodule, select_linears
+from rqat_deploy.quant.surgery import select_linears, set_submodule
 
 STATE_VERSION = 1
 STAGE_DIR = "stage1"
@@ -90,7 +89,7 @@ class Stage1Config:
         train_bias: Linear biases train with the weights.
         kquant_relative_lr: on the kquant grid, scale the learning rate of the super-block scales
             ``d`` / ``dmin`` so their relative steps match the uniform grid's (see
-            :func:`_kquant_scale_lrs`); ``False`` uses ``quant_lr`` for them as is.
+            :func:`_scale_lrs`); ``False`` uses ``quant_lr`` for them as is.
         autocast: ``"auto"`` (bf16 on CUDA, off on CPU) | ``"none"`` | ``"bfloat16"`` | ``"float16"``.
         forward_batch_size: sequences per forward when computing targets, propagating the student
             stream and validating.
@@ -318,7 +317,7 @@ def quantize_block(block: nn.Module, names: list[str], spec: QuantSpec, backend:
         lin = block.get_submodule(rel)
         if not isinstance(lin, nn.Linear):
             raise ConfigError(f"{rel} is already {type(lin).__name__}: stage 1 needs the full-precision model")
-        _set_submodule(block, rel, QuantLinear.from_linear(lin, spec, backend))
+        set_submodule(block, rel, QuantLinear.from_linear(lin, spec, backend))
 
 
 def _skeleton_block(block: nn.Module, names: list[str], spec: QuantSpec, backend: str | None) -> None:
@@ -327,13 +326,12 @@ def _skeleton_block(block: nn.Module, names: list[str], spec: QuantSpec, backend
         lin = block.get_submodule(rel)
         if isinstance(lin, QuantLinear):
             continue
-        layout = checkpoint_layout(spec, lin.out_features, lin.in_features)
-        zeros = {k: torch.zeros(shape, dtype=dt) for k, (dt, shape) in layout.items()}
-        q = quantizer_class(spec).from_checkpoint(zeros, spec)
+        layout = spec.grid_def.layout(lin.out_features, lin.in_features)
+        q = spec.grid_def.from_checkpoint({k: torch.zeros(t.shape, dtype=t.dtype) for k, t in layout.items()})
         w = torch.zeros(lin.out_features, lin.in_features, dtype=torch.float32)
         bias = lin.bias.detach().float() if lin.bias is not None else None
         ql = QuantLinear(lin.in_features, lin.out_features, bias, q, spec, weight=w, backend=backend)
-        _set_submodule(block, rel, ql)
+        set_submodule(block, rel, ql)
 
 
 def _block_device(block: nn.Module) -> torch.device:
@@ -380,7 +378,7 @@ def _param_groups(
         if group is not None:
             group.append(p)
     groups = []
-    scaled = _kquant_scale_lrs(block, quant, quant_lr) if cfg.kquant_relative_lr else {}
+    scaled = _scale_lrs(block, quant, quant_lr) if cfg.kquant_relative_lr else {}
     quant_plain = [p for p in quant if id(p) not in scaled]
     if quant_plain:
         groups.append({"params": quant_plain, "lr": quant_lr, "base_lr": quant_lr, "name": "quant"})
@@ -392,31 +390,24 @@ def _param_groups(
 
 
 @torch.no_grad()
-def _kquant_scale_lrs(
+def _scale_lrs(
     block: nn.Module, quant: list[nn.Parameter], quant_lr: float
 ) -> dict[int, tuple[nn.Parameter, float]]:
-    """Learning rates of the k-quant super-block scales ``d`` / ``dmin``, relative to the effective scale.
+    """Learning rates of quantization parameters that are not a per-group scale.
 
-    ``quant_lr`` is meant for a per-group scale (the uniform grid's ``scale``). In Q2_K / Q3_K the
-    effective scale of a 16-weight sub-block is ``d * sub_scale`` with an integer sub-scale around
-    10 (up to 15 / 32): the same learning rate on ``d`` would move every effective scale about ten
-    times further, relatively, than on the uniform grid. ``d`` therefore gets
-    ``quant_lr * mean|d| / mean|d * sub_scale|`` and ``dmin`` ``quant_lr * mean|dmin| / mean|dmin * sub_min|``,
-    so that relative steps match the uniform grid's.
+    ``quant_lr`` is meant for a per-group scale (the uniform grid's ``scale``); a grid whose scale
+    multiplies integer sub-scales (the k-quants' ``d`` / ``dmin``) returns smaller ratios from
+    :meth:`~rqat_deploy.quant.grids.GridQuantizer.scale_lr_ratios`, so that relative steps match.
     """
     wanted = {id(p) for p in quant}
     out: dict[int, tuple[nn.Parameter, float]] = {}
     for m in block.modules():
-        if not isinstance(m, QuantLinear) or m.spec.grid != "kquant":
+        if not isinstance(m, QuantLinear):
             continue
-        s, _, o = m.quantizer.group_params()  # [out, in/16]
-        for pname, eff in (("d", s), ("dmin", o)):
-            p = getattr(m.quantizer, pname, None)
-            if p is None or id(p) not in wanted:
-                continue
-            denom = float(eff.abs().mean())
-            ratio = float(p.abs().mean()) / denom if denom > 0 else 1.0
-            out[id(p)] = (p, quant_lr * min(ratio, 1.0))
+        for pname, ratio in m.quantizer.scale_lr_ratios().items():
+            p = getattr(m.quantizer, pname)
+            if id(p) in wanted:
+                out[id(p)] = (p, quant_lr * ratio)
     return out
 
 
@@ -721,7 +712,7 @@ def run_stage1(
                 callback({"event": "block_done", "block": k, "report": reports[-1]})
 
         for name in outside:
-            _set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), spec, backend))
+            set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), spec, backend))
     finally:
         wd.close()
         for s in stores:
