@@ -3,8 +3,11 @@ through llama.cpp (F32 GGUF) and transformers (the quantized checkpoint it was e
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +270,44 @@ def test_detect_and_load_errors(tmp_path: Path) -> None:
         load_runtime(str(tmp_path), "llama.cpp")
     with pytest.raises(ConfigError, match="not a GGUF"):
         load_runtime("m.gguf", "transformers")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rqat_imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) of every ``from rqat_deploy... import name`` (``import rqat_deploy.x``: name "")."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rqat_deploy"):
+            out += [(node.module or "", a.name) for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [(a.name, "") for a in node.names if a.name.startswith("rqat_deploy")]
+    return out
+
+
+def test_import_arrows_of_serve_and_the_onnx_exporter() -> None:
+    # serve reads checkpoints and files only: never exporters or train; the ONNX exporter never serve;
+    # and no module takes another module's private names.
+    serve = sorted((ROOT / "serve").glob("*.py"))
+    checked = serve + [ROOT / "exporters" / "onnx.py", ROOT / "rqat_deploy" / "data" / "grading.py",
+                       ROOT / "rqat_deploy" / "data" / "thinking.py"]
+    for path in checked:
+        for module, name in _rqat_imports(path):
+            assert not name.startswith("_"), f"{path.name} imports the private {module}.{name}"
+            forbidden = ("rqat_deploy.exporters", "rqat_deploy.train") if path in serve else ("rqat_deploy.serve", "rqat_deploy.train")
+            assert not module.startswith(forbidden), f"{path.name} imports {module}"
+
+
+def test_runtime_modules_import_no_runtime_package() -> None:
+    # Each runtime imports llama_cpp / transformers / vllm / onnxruntime when it loads a model, not at import.
+    code = (
+        "import sys, rqat_deploy.serve.bench, rqat_deploy.serve.runtimes as r\n"
+        "[r.runtime_class(n) for n in r.RUNTIMES]\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'vllm', 'onnxruntime', 'onnxruntime_genai') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
+    assert out.strip() == "[]"
 
 
 def test_vllm_clear_error_without_vllm_or_gpu() -> None:

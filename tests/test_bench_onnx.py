@@ -15,7 +15,8 @@ import pytest
 
 from rqat_deploy.errors import BackendError, ConfigError
 from rqat_deploy.serve.bench import run_bench
-from rqat_deploy.serve.runtimes import RUNTIMES, OnnxRuntime, SamplingParams, detect_runtime, load_runtime
+from rqat_deploy.serve.runtime_onnx import OnnxRuntime
+from rqat_deploy.serve.runtimes import RUNTIMES, SamplingParams, detect_runtime, load_runtime
 
 SPEED_FIELDS = ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")
 QUESTIONS = ["What is 12 + 30?", "Alice buys 3 apples and Bob buys 4. How many apples?"]
