@@ -15,7 +15,7 @@ import pytest
 
 from rqat_deploy.errors import BackendError, ConfigError, DataError
 from rqat_deploy.serve import bench as bench_mod
-from rqat_deploy.serve.bench import model_labels, run_bench
+from rqat_deploy.serve.bench import BenchConfig, model_labels, run_bench
 from rqat_deploy.serve.report import (
     accuracy_interval,
     compare_models,
@@ -151,7 +151,8 @@ def test_grade_only_groups_orders_and_errors(tmp_path: Path, qa_file: Path) -> N
         {"model": "bad", "index": 0, "response": "<think>p</think>\\boxed{3}"},
     ]
     resp = _write_jsonl(tmp_path / "r.jsonl", rows)
-    report = run_bench([], str(qa_file), responses=str(resp), out_dir=tmp_path / "out", progress=False, plots=False)
+    report = run_bench(BenchConfig(dataset=str(qa_file), responses=str(resp), out_dir=tmp_path / "out", progress=False,
+                                   plots=False))
     good, bad = report["models"]["good"], report["models"]["bad"]
     assert good["n"] == 3 and good["accuracy"] == pytest.approx(2 / 3)
     assert [r["index"] for r in good["raw"]] == [0, 1, 3]
@@ -163,14 +164,59 @@ def test_grade_only_groups_orders_and_errors(tmp_path: Path, qa_file: Path) -> N
     assert (tmp_path / "out" / "report.json").exists()
 
     with pytest.raises(DataError, match="outside the dataset"):
-        run_bench([], str(qa_file), responses=str(_write_jsonl(tmp_path / "x.jsonl", [{"index": 9, "response": "1"}])),
-                  out_dir=tmp_path / "o2", progress=False)
+        run_bench(BenchConfig(dataset=str(qa_file), responses=str(_write_jsonl(tmp_path / "x.jsonl", [{"index": 9, "response": "1"}])),
+                              out_dir=tmp_path / "o2", progress=False))
     with pytest.raises(DataError, match="gold"):
-        run_bench([], None, responses=str(resp), out_dir=tmp_path / "o3", progress=False)
+        run_bench(BenchConfig(responses=str(resp), out_dir=tmp_path / "o3", progress=False))
     with pytest.raises(ConfigError, match="not both"):
-        run_bench(["m.gguf"], str(qa_file), responses=str(resp), out_dir=tmp_path / "o4")
+        BenchConfig(models=["m.gguf"], dataset=str(qa_file), responses=str(resp), out_dir=tmp_path / "o4")
     with pytest.raises(ConfigError, match="nothing"):
-        run_bench([], str(qa_file), out_dir=tmp_path / "o5")
+        BenchConfig(dataset=str(qa_file), out_dir=tmp_path / "o5")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"seeds": 0}, "--seeds"),
+        ({"max_tokens": 0}, "--max-tokens"),
+        ({"limit": 0}, "--limit"),
+        ({"temperature": 0.0}, "--temperature"),
+        ({"top_k": -1}, "--top-k"),
+        ({"top_p": 1.5}, "--top-p"),
+        ({"grader": "sympy"}, "--grader"),
+        ({"runtime": "onnx"}, "--runtime"),
+        ({"concurrency": 0}, "--concurrency"),
+        ({"n_threads": 0}, "--threads"),
+        ({"compare": True}, "--compare"),
+        ({"speed_tokens": 1}, "speed_tokens"),
+    ],
+)
+def test_bench_config_names_the_bad_flag(kwargs: dict, flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        BenchConfig(models=["m.gguf"], **kwargs)
+
+
+def test_bench_config_is_frozen_and_normalized(tmp_path: Path) -> None:
+    cfg = BenchConfig(responses=str(tmp_path / "r.jsonl"), out_dir=str(tmp_path), restart_patterns=["Hmm"],
+                      temperature=0.0, greedy=True)
+    assert cfg.responses == (str(tmp_path / "r.jsonl"),) and cfg.models == () and cfg.grade_only
+    assert cfg.out_dir == tmp_path and cfg.restart_patterns == ("Hmm",)
+    assert cfg.sampling(3) == SamplingParams(temperature=0.0, greedy=True, seed=3)
+    assert cfg.report_config()["restart_patterns"] == ["Hmm"] and cfg.report_config()["limit"] is None
+    with pytest.raises(AttributeError):
+        cfg.seeds = 2  # type: ignore[misc]
+
+
+def test_cli_bench_refuses_bad_flags_before_any_work(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from rqat_deploy.cli import cli
+
+    for args, flag in ((["--model", "a.gguf", "--seeds", "0"], "--seeds"), (["--model", "a.gguf", "--compare"], "--compare"),
+                       ([], "--model")):
+        res = CliRunner().invoke(cli, ["bench", *args, "--dataset", "builtin", "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2 and flag in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- fake runtime path
@@ -207,10 +253,10 @@ class FakeRuntime(Runtime):
 
 def test_bench_with_fake_runtime_seeds_and_compare(tmp_path: Path, qa_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench_mod, "load_runtime", lambda model, runtime=None, **kw: FakeRuntime(model))
-    report = run_bench(
-        ["first", "second"], str(qa_file), limit=4, seeds=2, max_tokens=64, out_dir=tmp_path / "o",
+    report = run_bench(BenchConfig(
+        models=["first", "second"], dataset=str(qa_file), limit=4, seeds=2, max_tokens=64, out_dir=tmp_path / "o",
         speed_prompt_tokens=8, speed_tokens=4, speed_repeats=2, progress=False, hashes=False, plots=False,
-    )
+    ))
     m = report["models"]["first"]
     assert m["n"] == 4 and m["n_responses"] == 8
     assert m["accuracy"] == pytest.approx(0.5)  # i = 2, 4 right; 1, 3 wrong
@@ -226,8 +272,8 @@ def test_bench_with_fake_runtime_seeds_and_compare(tmp_path: Path, qa_file: Path
 
 def test_speed_only_without_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench_mod, "load_runtime", lambda model, runtime=None, **kw: FakeRuntime(model))
-    report = run_bench(["m"], None, out_dir=tmp_path / "o", speed_prompt_tokens=8, speed_tokens=4, speed_repeats=3,
-                       progress=False, hashes=False)
+    report = run_bench(BenchConfig(models=["m"], out_dir=tmp_path / "o", speed_prompt_tokens=8, speed_tokens=4,
+                                   speed_repeats=3, progress=False, hashes=False))
     m = report["models"]["m"]
     assert m["n"] == 0 and m["accuracy"] is None and m["speed"]["repeats"] == 3
     assert m["ttft_s"] == pytest.approx(0.01) and m["prefill_tokens_per_s"] == pytest.approx(1000.0)
@@ -237,10 +283,10 @@ def test_speed_only_without_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_ctrl_c_keeps_finished_responses(tmp_path: Path, qa_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The speed run makes 1 warm-up + 1 measured call; then 3 generations finish before Ctrl-C.
     monkeypatch.setattr(bench_mod, "load_runtime", lambda model, runtime=None, **kw: FakeRuntime(model, fail_after=5))
-    report = run_bench(
-        ["a", "b"], str(qa_file), max_tokens=64, out_dir=tmp_path / "o", speed_prompt_tokens=8, speed_tokens=4,
-        speed_repeats=1, progress=False, hashes=False, plots=False,
-    )
+    report = run_bench(BenchConfig(
+        models=["a", "b"], dataset=str(qa_file), max_tokens=64, out_dir=tmp_path / "o", speed_prompt_tokens=8,
+        speed_tokens=4, speed_repeats=1, progress=False, hashes=False, plots=False,
+    ))
     assert report["interrupted"] is True
     assert list(report["models"]) == ["a"]  # the second model never started
     assert report["models"]["a"]["n_responses"] == 3
@@ -272,7 +318,12 @@ def test_detect_and_load_errors(tmp_path: Path) -> None:
         load_runtime("m.gguf", "transformers")
 
 
-ROOT = Path(__file__).resolve().parents[1]
+def _source(module: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None, module
+    return Path(spec.origin)
 
 
 def _rqat_imports(path: Path) -> list[tuple[str, str]]:
@@ -289,9 +340,8 @@ def _rqat_imports(path: Path) -> list[tuple[str, str]]:
 def test_import_arrows_of_serve_and_the_onnx_exporter() -> None:
     # serve reads checkpoints and files only: never exporters or train; the ONNX exporter never serve;
     # and no module takes another module's private names.
-    serve = sorted((ROOT / "serve").glob("*.py"))
-    checked = serve + [ROOT / "exporters" / "onnx.py", ROOT / "rqat_deploy" / "data" / "grading.py",
-                       ROOT / "rqat_deploy" / "data" / "thinking.py"]
+    serve = sorted(_source("rqat_deploy.serve").parent.glob("*.py"))
+    checked = serve + [_source(f"rqat_deploy.{m}") for m in ("exporters.onnx", "data.grading", "data.thinking")]
     for path in checked:
         for module, name in _rqat_imports(path):
             assert not name.startswith("_"), f"{path.name} imports the private {module}.{name}"
@@ -421,10 +471,10 @@ def test_bench_end_to_end_gguf_and_checkpoint(tiny_exports: dict[str, Path], tmp
     if not data.exists():
         pytest.skip("shared benchmark data absent")
     out = tmp_path / "bench"
-    report = run_bench(
-        [str(tiny_exports["gguf"]), str(tiny_exports["ckpt"])], str(data), limit=2, max_tokens=6, greedy=True,
-        out_dir=out, speed_prompt_tokens=16, speed_tokens=3, speed_repeats=1, n_threads=1, progress=False,
-    )
+    report = run_bench(BenchConfig(
+        models=[str(tiny_exports["gguf"]), str(tiny_exports["ckpt"])], dataset=str(data), limit=2, max_tokens=6,
+        greedy=True, out_dir=out, speed_prompt_tokens=16, speed_tokens=3, speed_repeats=1, n_threads=1, progress=False,
+    ))
     assert list(report["models"]) == ["tiny-f32.gguf", "ckpt"]
     gg, ck = report["models"]["tiny-f32.gguf"], report["models"]["ckpt"]
     for m in (gg, ck):
@@ -442,8 +492,9 @@ def test_bench_end_to_end_gguf_and_checkpoint(tiny_exports: dict[str, Path], tmp
     assert saved["packages"]["llama-cpp-python"] and saved["environment"]["cpu_count"]
     assert (out / "report.md").exists()
     # The responses file is a valid grade-only input and re-grades to the same numbers.
-    regrade = run_bench([], str(data), limit=2, max_tokens=6, responses=str(out / report["responses_files"]["ckpt"]),
-                        out_dir=tmp_path / "regrade", progress=False, plots=False)
+    regrade = run_bench(BenchConfig(dataset=str(data), limit=2, max_tokens=6,
+                                    responses=str(out / report["responses_files"]["ckpt"]),
+                                    out_dir=tmp_path / "regrade", progress=False, plots=False))
     r = regrade["models"]["ckpt"]
     assert (r["accuracy"], r["truncated_fraction"]) == (ck["accuracy"], ck["truncated_fraction"])
 
