@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from rqat_deploy.errors import BackendError, ConfigError, ModelLoadError
-from rqat_deploy.serve.runtimes import Generation, Runtime, SamplingParams, token_rate
+from rqat_deploy.errors import ConfigError, ModelLoadError
+from rqat_deploy.serve.runtimes import Generation, Runtime, SamplingParams, import_backend, token_rate
 
 __all__ = ["LlamaCppRuntime"]
 
@@ -40,13 +40,9 @@ class LlamaCppRuntime(Runtime):
         super().__init__(model_path, enable_thinking=enable_thinking)
         # Beside PyTorch, llama.cpp's OpenMP workers spin-wait for seconds per call unless passive.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        try:
-            import llama_cpp
-        except ImportError as exc:
-            raise BackendError(
-                "the llama.cpp runtime needs llama-cpp-python: `pip install llama-cpp-python` "
-                "(or the `llamacpp` extra)"
-            ) from exc
+        llama_cpp = import_backend(
+            "llama_cpp", "the llama.cpp runtime needs llama-cpp-python: `pip install llama-cpp-python` (or the `llamacpp` extra)"
+        )
         if not Path(model_path).is_file():
             raise ModelLoadError(f"GGUF file {model_path!r} does not exist")
         self._lib = llama_cpp

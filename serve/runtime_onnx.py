@@ -10,7 +10,6 @@ onnxruntime and onnxruntime-genai are imported when a model is loaded, not with 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from rqat_deploy.serve.runtimes import (
     Generation,
     Runtime,
     SamplingParams,
+    import_backend,
     is_onnx_export,
     token_ids,
     token_rate,
@@ -39,13 +39,7 @@ __all__ = ["OnnxCausalLM", "OnnxGeneration", "OnnxRuntime"]
 
 def _require(module: str) -> Any:
     """Import an ONNX Runtime package, or say how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise BackendError(
-            f"running an ONNX export needs the Python package {module!r} ({exc}): pip install 'rqat-deploy[onnx]' "
-            "(onnxruntime, onnxruntime-genai)"
-        ) from exc
+    return import_backend(module, f"running an ONNX export needs the Python package {module!r}: pip install 'rqat-deploy[onnx]'")
 
 
 def _genai_importable() -> bool:
@@ -93,6 +87,25 @@ def _with_accuracy_level(model_dir: Path, level: int | None) -> Iterator[Path]:
                     shutil.copy2(f, Path(d) / f.name)
         onnx.save(model, str(Path(d) / ONNX_FILE))
         yield Path(d) / ONNX_FILE
+
+
+def _take_until_stop(tokens: Iterator[int], stops: set[int], max_new: int, t0: float) -> tuple[list[int], str, float]:
+    """Generated tokens up to a stop id (left out) or ``max_new`` of them.
+
+    Returns:
+        ``(tokens, finish_reason, seconds from t0 to the first token)``.
+    """
+    out: list[int] = []
+    ttft = 0.0
+    for tok in tokens:
+        if ttft == 0.0:
+            ttft = time.perf_counter() - t0
+        if tok in stops:
+            return out, "stop", ttft
+        out.append(tok)
+        if len(out) >= max_new:
+            break
+    return out, "length", ttft
 
 
 @dataclass
@@ -265,24 +278,23 @@ class OnnxCausalLM:
         if self.engine == "genai":
             return self._generate_genai(list(prompt_ids), max_new_tokens, set(stop_ids), temperature, top_k, top_p, seed)
         rng = np.random.default_rng(seed) if temperature > 0 else None
-        stops = set(int(s) for s in stop_ids)
         t0 = time.perf_counter()
-        logits, past = self._step(list(prompt_ids), self._empty_past(), len(prompt_ids))
-        tok = _sample(logits[-1], rng, temperature, top_k, top_p)
-        ttft = time.perf_counter() - t0
-        out, finish = [], "length"
-        total = len(prompt_ids)
+        tokens = self._session_tokens(list(prompt_ids), rng, temperature, top_k, top_p)
+        out, finish, ttft = _take_until_stop(tokens, {int(s) for s in stop_ids}, max_new_tokens, t0)
+        return self._result(out, len(prompt_ids), finish, ttft, time.perf_counter() - t0)
+
+    def _session_tokens(
+        self, prompt: list[int], rng: np.random.Generator | None, temperature: float, top_k: int, top_p: float
+    ) -> Iterator[int]:
+        """Generated tokens of the plain ``InferenceSession`` loop: the prompt in one pass, then one
+        token per pass through the KV cache (a pass runs only when the next token is asked for)."""
+        logits, past = self._step(prompt, self._empty_past(), len(prompt))
+        total = len(prompt)
         while True:
-            if tok in stops:
-                finish = "stop"
-                break
-            out.append(tok)
-            if len(out) >= max_new_tokens:
-                break
+            tok = _sample(logits[-1], rng, temperature, top_k, top_p)
+            yield tok
             total += 1
             logits, past = self._step([tok], past, total)
-            tok = _sample(logits[-1], rng, temperature, top_k, top_p)
-        return self._result(out, len(prompt_ids), finish, ttft, time.perf_counter() - t0)
 
     def _generate_genai(
         self, prompt: list[int], max_new: int, stops: set[int], temperature: float, top_k: int, top_p: float, seed: int
@@ -297,30 +309,23 @@ class OnnxCausalLM:
         t0 = time.perf_counter()
         gen = og.Generator(self._model, params)
         gen.append_tokens(np.asarray(prompt, dtype=np.int32))
-        out, finish, ttft = [], "length", 0.0
-        while not gen.is_done():
-            gen.generate_next_token()
-            tok = int(gen.get_next_tokens()[0])
-            if not out and ttft == 0.0:
-                ttft = time.perf_counter() - t0
-            if tok in stops:
-                finish = "stop"
-                break
-            out.append(tok)
-            if len(out) >= max_new:
-                break
+        out, finish, ttft = _take_until_stop(self._genai_tokens(gen), stops, max_new, t0)
         total = time.perf_counter() - t0
         del gen
         return self._result(out, len(prompt), finish, ttft, total)
 
     @staticmethod
+    def _genai_tokens(gen: Any) -> Iterator[int]:
+        """Generated tokens of an ``onnxruntime_genai.Generator``."""
+        while not gen.is_done():
+            gen.generate_next_token()
+            yield int(gen.get_next_tokens()[0])
+
+    @staticmethod
     def _result(out: list[int], n_prompt: int, finish: str, ttft: float, total: float) -> OnnxGeneration:
-        n_after = len(out) - 1
-        decode_s = total - ttft
         return OnnxGeneration(
             token_ids=out, n_prompt_tokens=n_prompt, finish_reason=finish, ttft_s=ttft, total_s=total,
-            prefill_tokens_per_s=n_prompt / ttft if ttft > 0 else None,
-            decode_tokens_per_s=n_after / decode_s if n_after > 0 and decode_s > 0 else None,
+            prefill_tokens_per_s=token_rate(n_prompt, ttft), decode_tokens_per_s=token_rate(len(out) - 1, total - ttft),
         )
 
     def speed(self, prompt_ids: Sequence[int], n_tokens: int, *, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
@@ -402,13 +407,10 @@ class OnnxRuntime(Runtime):
         accuracy_level: int | None = None,
     ) -> None:
         super().__init__(model_path, enable_thinking=enable_thinking)
-        try:
-            import onnxruntime
-        except ImportError as exc:
-            raise BackendError(
-                "the onnxruntime runtime needs ONNX Runtime: `pip install onnxruntime onnxruntime-genai` "
-                "(or the `onnx` extra), or bench the checkpoint with --runtime transformers"
-            ) from exc
+        onnxruntime = import_backend(
+            "onnxruntime", "the onnxruntime runtime needs ONNX Runtime: `pip install onnxruntime onnxruntime-genai` "
+            "(or the `onnx` extra), or bench the checkpoint with --runtime transformers",
+        )
         if device and not device.startswith("cpu"):
             raise ConfigError(f"the onnxruntime runtime runs ONNX exports on the CPU only; got device {device!r} (drop --device)")
         path = Path(model_path)
@@ -424,7 +426,7 @@ class OnnxRuntime(Runtime):
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{path} has no usable tokenizer files ({exc}): re-export it") from exc
-        self.model: OnnxCausalLM | None = OnnxCausalLM(path, engine=engine, threads=n_threads, accuracy_level=accuracy_level)
+        self.model = OnnxCausalLM(path, engine=engine, threads=n_threads, accuracy_level=accuracy_level)
         self.n_threads, self.accuracy_level = n_threads, accuracy_level
         self._use_hf_tokenizer(tokenizer)
         self.eos_ids = self._eos_ids(path)
@@ -462,17 +464,8 @@ class OnnxRuntime(Runtime):
         ids = list(out.token_ids)
         # Count as transformers does: every token computed after the first, a stop token included.
         n_gen = len(ids) + (1 if out.finish_reason == "stop" else 0)
-        return Generation(
-            text=self.tokenizer.decode(ids, skip_special_tokens=False),
-            token_ids=ids,
-            n_prompt_tokens=len(prompt_ids),
-            n_completion_tokens=len(ids),
-            finish_reason=out.finish_reason,
-            ttft_s=out.ttft_s,
-            total_s=out.total_s,
-            prefill_tokens_per_s=token_rate(len(prompt_ids), out.ttft_s),
-            decode_tokens_per_s=token_rate(n_gen - 1, out.total_s - out.ttft_s),
-        )
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return Generation.timed_from_first_token(text, ids, len(prompt_ids), out.finish_reason, out.ttft_s, out.total_s, n_gen - 1)
 
     def logits(self, prompt_ids: Sequence[int]) -> Any:
         """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy), for agreement tests."""
@@ -501,4 +494,4 @@ class OnnxRuntime(Runtime):
     def close(self) -> None:
         if self.model is not None:
             self.model.close()
-            self.model = None
+            self.model = None  # type: ignore[assignment]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rqat_deploy.errors import BackendError, ConfigError, ModelLoadError
-from rqat_deploy.serve.runtimes import Generation, Runtime, SamplingParams, token_ids, token_rate
+from rqat_deploy.serve.runtimes import Generation, Runtime, SamplingParams, token_ids
 
 __all__ = ["TransformersRuntime"]
 
@@ -172,19 +172,8 @@ class TransformersRuntime(Runtime):
                 ids, finish = ids[:cut], "stop"
         ttft = streamer.first_token_at - t0 if streamer.first_token_at is not None else None
         n_gen = len(out[0]) - len(prompt_ids)
-        decode_s = total - ttft if ttft is not None else None
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        return Generation(
-            text=text,
-            token_ids=ids,
-            n_prompt_tokens=len(prompt_ids),
-            n_completion_tokens=len(ids),
-            finish_reason=finish,
-            ttft_s=ttft,
-            total_s=total,
-            prefill_tokens_per_s=token_rate(len(prompt_ids), ttft),
-            decode_tokens_per_s=token_rate(n_gen - 1, decode_s),
-        )
+        return Generation.timed_from_first_token(text, ids, len(prompt_ids), finish, ttft, total, n_gen - 1)
 
     def logits(self, prompt_ids: Sequence[int]) -> Any:
         """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy), for agreement tests."""

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 from rqat_deploy.data.chat import ends_in_thinking
 from rqat_deploy.errors import BackendError, ModelLoadError
-from rqat_deploy.serve.runtimes import Generation, GenerationInterrupted, Runtime, SamplingParams, token_rate
+from rqat_deploy.serve.runtimes import Generation, GenerationInterrupted, Runtime, SamplingParams, import_backend
 
 __all__ = ["VLLMRuntime"]
 
@@ -34,13 +34,10 @@ class VLLMRuntime(Runtime):
         **llm_kwargs: Any,
     ) -> None:
         super().__init__(model_path, enable_thinking=enable_thinking)
-        try:
-            import vllm
-        except ImportError as exc:
-            raise BackendError(
-                "the vllm runtime needs vLLM (`pip install vllm`, Linux + CUDA GPU); on this machine use "
-                "--runtime llama.cpp (GGUF) or --runtime transformers"
-            ) from exc
+        vllm = import_backend(
+            "vllm", "the vllm runtime needs vLLM (`pip install vllm`, Linux + CUDA GPU); on this machine use "
+            "--runtime llama.cpp (GGUF) or --runtime transformers",
+        )
         import torch
 
         if not torch.cuda.is_available():
@@ -81,18 +78,8 @@ class VLLMRuntime(Runtime):
         first, arrival = getattr(metrics, "first_token_time", None), getattr(metrics, "arrival_time", None)
         if first is not None and arrival is not None:
             ttft = first - arrival
-        decode = (wall - ttft) if ttft is not None else None
-        return Generation(
-            text=self.tokenizer.decode(ids, skip_special_tokens=False),
-            token_ids=ids,
-            n_prompt_tokens=n_prompt,
-            n_completion_tokens=len(ids),
-            finish_reason=finish,
-            ttft_s=ttft,
-            total_s=wall,
-            prefill_tokens_per_s=token_rate(n_prompt, ttft),
-            decode_tokens_per_s=token_rate(len(ids) - 1, decode),
-        )
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return Generation.timed_from_first_token(text, ids, n_prompt, finish, ttft, wall, len(ids) - 1)
 
     def _run(self, prompt_ids: list[list[int]], params: list[Any]) -> tuple[list[Any], float]:
         t0 = time.perf_counter()

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from rqat_deploy.data.chat import ends_in_thinking, render_prompt
-from rqat_deploy.errors import ConfigError
+from rqat_deploy.errors import BackendError, ConfigError
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
@@ -54,6 +54,7 @@ __all__ = [
     "SamplingParams",
     "detect_runtime",
     "generation_record",
+    "import_backend",
     "is_onnx_export",
     "load_runtime",
     "runtime_class",
@@ -143,6 +144,20 @@ class Generation:
     starts_in_thinking: bool = False
     think_ids: tuple[int, int] | None = None
     seed: int | None = None
+
+    @classmethod
+    def timed_from_first_token(
+        cls, text: str, ids: list[int], n_prompt: int, finish_reason: str, ttft_s: float | None, total_s: float,
+        n_after_first: int,
+    ) -> "Generation":
+        """A generation whose speeds come from its first-token time (transformers, vLLM, ONNX Runtime):
+        prefill = prompt tokens / TTFT, decode = ``n_after_first`` tokens / the time after the first."""
+        decode_s = total_s - ttft_s if ttft_s is not None else None
+        return cls(
+            text=text, token_ids=ids, n_prompt_tokens=n_prompt, n_completion_tokens=len(ids),
+            finish_reason=finish_reason, ttft_s=ttft_s, total_s=total_s,
+            prefill_tokens_per_s=token_rate(n_prompt, ttft_s), decode_tokens_per_s=token_rate(n_after_first, decode_s),
+        )
 
 
 class GenerationInterrupted(KeyboardInterrupt):
@@ -361,6 +376,22 @@ class Runtime(abc.ABC):
         """Free the model (optional)."""
 
 
+def import_backend(module: str, missing: str) -> Any:
+    """Import a runtime's package when a model is loaded.
+
+    Args:
+        module: the module to import (``llama_cpp``, ``vllm``, ``onnxruntime``...).
+        missing: the error message when it is not installed (say how to install it).
+
+    Raises:
+        BackendError: ``module`` cannot be imported.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendError(f"{missing} ({exc})") from exc
+
+
 def token_ids(values: Iterable[Any]) -> list[int]:
     """Distinct token ids, in order, from values that are each an id, a list of ids or None.
 
@@ -436,7 +467,7 @@ def load_runtime(
         ModelLoadError: the model cannot be loaded.
     """
     name = runtime or detect_runtime(model)
-    cls = runtime_class(name)
+    cls: Callable[..., Runtime] = runtime_class(name)  # each class takes its own options
     if name == "llama.cpp":
         if not str(model).lower().endswith(".gguf"):
             raise ConfigError(f"the llama.cpp runtime reads GGUF files; {model!r} is not one (export it with `rqat-deploy export --format gguf`)")
