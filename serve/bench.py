@@ -14,6 +14,7 @@ Two modes (DESIGN.md 9):
   name), ``seed``, and ``finish_reason`` / ``truncated`` / ``n_completion_tokens`` for truncation.
 
 Both write ``OUT/report.json``, ``OUT/report.md`` and PNG plots (see :mod:`rqat_deploy.serve.report`).
+A run is one :class:`BenchConfig` (checked when built), given to :func:`run_bench`.
 """
 
 from __future__ import annotations
