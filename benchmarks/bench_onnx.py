@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import onnxruntime
 
-    from rqat_deploy.exporters.onnx import OnnxCausalLM, export_onnx, export_onnx_dense, onnx_available
+    from rqat_deploy.exporters.onnx import export_onnx, export_onnx_dense, onnx_available
+    from rqat_deploy.serve.runtime_onnx import OnnxCausalLM
     from rqat_deploy.builtin.tiny import build_tiny_model
     from rqat_deploy.train.run import quantize_rtn
 

@@ -27,8 +27,9 @@ Facts checked on onnxruntime 1.32 (CPU) with onnxruntime-genai 0.18: ``MatMulNBi
 ``[N, K/bs, bs*b/8]``, codes LSB-first along K; zero points uint8 packed LSB-first per row
 (``[N * ceil(K/bs*b/8)]``), default ``2^(b-1)``.
 
-:class:`OnnxCausalLM` runs an export with the KV cache (plain ``onnxruntime``, or
-``onnxruntime-genai``): logits, greedy / sampled generation with timings, and decode speed.
+Running an export (generation with the KV cache, the bench runtime) is serve's job:
+:mod:`rqat_deploy.serve.runtime_onnx`. The verification here runs ONNX Runtime directly, with one
+forward pass of its own, so the exporter never imports serve.
 """
 
 from __future__ import annotations
@@ -59,8 +60,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCURACY_LEVELS",
     "ExportReport",
-    "OnnxCausalLM",
-    "OnnxGeneration",
     "decode_matmulnbits",
     "export_onnx",
     "export_onnx_dense",
@@ -424,8 +423,8 @@ def export_onnx(
     """Export a uniform-grid checkpoint to an ONNX Runtime model with KV cache.
 
     The directory (``model.onnx``, ``model.onnx.data``, ``genai_config.json``, tokenizer, chat
-    template, ``config.json``, ``rqat_export.json``) runs in ``onnxruntime`` (see
-    :class:`OnnxCausalLM`) and in ``onnxruntime-genai``. It is written into a temporary sibling and
+    template, ``config.json``, ``rqat_export.json``) runs in ``onnxruntime`` (``rqat-deploy bench
+    --runtime onnxruntime``) and in ``onnxruntime-genai``. It is written into a temporary sibling and
     renamed into place after verification.
 
     Args:
@@ -644,43 +643,43 @@ def _check_weights(out: Path, ckpt: "QuantizedCheckpoint", report: ExportReport,
             )
 
 
-@contextlib.contextmanager
-def _with_accuracy_level(model_dir: Path, level: int | None) -> Iterator[Path]:
-    """``model_dir/model.onnx``, or a temporary copy of its graph with every MatMulNBits at ``level``.
+def _ort_session(model_dir: Path, level: int | None, threads: int | None) -> Any:
+    """An ONNX Runtime CPU session of an export, every ``MatMulNBits`` at ``level`` (None: as written).
 
-    The copy is written beside the original (ORT refuses external data outside the model's
-    directory, symlinks resolved) and removed on exit; where ``model_dir`` is read-only, into a
-    temporary directory with the data hard-linked (or copied).
+    The graph is rewritten in memory and its weights are read from ``model_dir`` in place (ORT's
+    external-initializers folder), so nothing is written beside the export.
     """
-    if level is None:
-        yield model_dir / ONNX_FILE
-        return
     import onnx
+    import onnxruntime as ort
 
-    model = onnx.load(str(model_dir / ONNX_FILE), load_external_data=False)
-    for node in model.graph.node:
+    graph = onnx.load(str(model_dir / ONNX_FILE), load_external_data=False)
+    for node in graph.graph.node if level is not None else ():
         if node.op_type == "MatMulNBits":
-            attrs = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend(attrs + [onnx.helper.make_attribute("accuracy_level", level)])
-    fd, name = tempfile.mkstemp(prefix=f".acc{level}-", suffix=".onnx", dir=model_dir) if os.access(model_dir, os.W_OK) else (None, "")
-    if fd is not None:
-        os.close(fd)
-        try:
-            onnx.save(model, name)
-            yield Path(name)
-        finally:
-            Path(name).unlink(missing_ok=True)
-        return
-    with tempfile.TemporaryDirectory(prefix=".acc-") as d:
-        for f in model_dir.iterdir():
-            if f.name.endswith(".data"):
-                try:
-                    os.link(f, Path(d) / f.name)
-                except OSError:
-                    shutil.copy2(f, Path(d) / f.name)
-        onnx.save(model, str(Path(d) / ONNX_FILE))
-        yield Path(d) / ONNX_FILE
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            node.ClearField("attribute")
+            node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", level)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads or 0
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
+    return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_logits(model_dir: Path, ids: Sequence[int], level: int | None, threads: int | None) -> np.ndarray:
+    """ONNX Runtime logits ``[len(ids), vocab]`` (float32) of one forward pass with an empty KV cache."""
+    session = _ort_session(model_dir, level, threads)
+    head_size = int(json.loads((model_dir / GENAI_CONFIG).read_text())["model"]["decoder"]["head_size"])
+    n = len(ids)
+    feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([ids], dtype=np.int64)}
+    for inp in session.get_inputs():
+        if inp.name == "attention_mask":
+            feeds[inp.name] = np.ones((1, n), dtype=np.int64)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.arange(n, dtype=np.int64)[None]
+        elif inp.name.startswith("past_key_values."):  # [batch, kv heads, 0 cached positions, head size]
+            dtype = np.float16 if "float16" in inp.type else np.float32
+            feeds[inp.name] = np.zeros((1, int(inp.shape[1]), 0, head_size), dtype=dtype)
+    return session.run(["logits"], feeds)[0][0].astype(np.float32)  # [T, V]
 
 
 def _prompt_ids(ckpt_dir: Path, vocab: int) -> list[int]:
@@ -730,278 +729,7 @@ def measure_logits_error(
     ids, ref = _reference_logits(ckpt_dir, prompt_ids)
     out: dict[int | None, tuple[float, float]] = {}
     for level in accuracy_levels:
-        with OnnxCausalLM(model_dir, engine="onnxruntime", threads=threads, accuracy_level=level) as runner:
-            got = runner.logits(ids)  # [T, V]
+        got = _ort_logits(Path(model_dir), ids, level, threads)  # [T, V]
         rel = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-30))
         out[level] = (rel, float((got.argmax(-1) == ref.argmax(-1)).mean()))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# running an export: logits, generation with the KV cache, speed
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class OnnxGeneration:
-    """One generation (fields as :class:`rqat_deploy.serve.runtimes.Generation`).
-
-    Attributes:
-        token_ids: generated ids (a stop token left out).
-        n_prompt_tokens: prompt length.
-        finish_reason: ``"stop"`` or ``"length"``.
-        ttft_s: seconds from the call to the first generated token (prefill included).
-        total_s: seconds for the whole generation.
-        prefill_tokens_per_s: prompt tokens / ttft.
-        decode_tokens_per_s: tokens after the first / time after the first.
-    """
-
-    token_ids: list[int]
-    n_prompt_tokens: int
-    finish_reason: str
-    ttft_s: float
-    total_s: float
-    prefill_tokens_per_s: float | None
-    decode_tokens_per_s: float | None
-
-
-def _sample(logits: np.ndarray, rng: np.random.Generator | None, temperature: float, top_k: int, top_p: float) -> int:
-    """Greedy (``rng`` None) or temperature / top-k / top-p sampling from one logits row."""
-    if rng is None:
-        return int(np.argmax(logits))
-    x = logits.astype(np.float64) / temperature
-    order = np.argsort(-x, kind="stable")
-    if top_k > 0:
-        order = order[:top_k]
-    p = np.exp(x[order] - x[order[0]])
-    p /= p.sum()
-    if top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
-        order, p = order[:keep], p[:keep] / p[:keep].sum()
-    return int(order[rng.choice(len(order), p=p)])
-
-
-class OnnxCausalLM:
-    """An ONNX export loaded in ONNX Runtime (batch 1), with the KV cache.
-
-    Args:
-        model_dir: a directory written by :func:`export_onnx` / :func:`export_onnx_dense` (any
-            onnxruntime-genai style decoder: ``input_ids``, ``attention_mask``,
-            ``past_key_values.N.key/value`` -> ``logits``, ``present.N.key/value``).
-        engine: ``"onnxruntime"`` (a plain ``InferenceSession`` loop, this module's own code),
-            ``"genai"`` (``onnxruntime_genai.Generator``, shared KV buffers), or ``"auto"``
-            (genai when installed).
-        threads: intra-op threads (None: ORT's default, all cores).
-        accuracy_level: run every MatMulNBits at this level instead of the written one
-            (``onnxruntime`` engine only).
-
-    Raises:
-        BackendError: the runtime package is not installed, or the directory is not an ONNX export.
-        ConfigError: an unknown engine, or ``accuracy_level`` with the genai engine.
-    """
-
-    def __init__(
-        self,
-        model_dir: str | os.PathLike[str],
-        *,
-        engine: str = "auto",
-        threads: int | None = None,
-        accuracy_level: int | None = None,
-    ) -> None:
-        self.model_dir = Path(model_dir)
-        if not (self.model_dir / ONNX_FILE).exists():
-            raise BackendError(f"{self.model_dir} has no {ONNX_FILE}: export it with `rqat-deploy export --format onnx`")
-        if engine == "auto":
-            engine = "genai" if accuracy_level is None and _importable("onnxruntime_genai") else "onnxruntime"
-        if engine not in ("onnxruntime", "genai"):
-            raise ConfigError(f"engine must be 'onnxruntime', 'genai' or 'auto', got {engine!r}")
-        if engine == "genai" and accuracy_level is not None:
-            raise ConfigError("accuracy_level overrides need engine='onnxruntime'")
-        self.engine, self.threads, self.accuracy_level = engine, threads, accuracy_level
-        genai_cfg = self.model_dir / GENAI_CONFIG
-        if not genai_cfg.exists():
-            raise BackendError(f"{self.model_dir} has no {GENAI_CONFIG}: export it with `rqat-deploy export --format onnx`")
-        model_cfg = json.loads(genai_cfg.read_text())["model"]
-        #: positions the model's rotary cache covers (prompt + generated tokens)
-        self.context_length = int(model_cfg["context_length"])
-        self._session: Any = None
-        self._model: Any = None
-        if engine == "genai":
-            self._load_genai()
-        else:
-            self._load_session(int(model_cfg["decoder"]["head_size"]))
-
-    def _load_genai(self) -> None:
-        _require("onnxruntime_genai")
-        import onnxruntime_genai as og
-
-        cfg = og.Config(str(self.model_dir))
-        if self.threads:
-            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}}))
-        self._og, self._model = og, og.Model(cfg)
-
-    def _load_session(self, head_size: int) -> None:
-        _require("onnxruntime")
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if self.threads:
-            so.intra_op_num_threads = self.threads
-        with _with_accuracy_level(self.model_dir, self.accuracy_level) as path:
-            self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self._inputs = {i.name: i for i in self._session.get_inputs()}
-        self._past = sorted(n for n in self._inputs if n.startswith("past_key_values."))
-        self._outputs = [o.name for o in self._session.get_outputs()]
-        self._head_size = head_size
-        self._kv_dtype = np.float16 if "float16" in self._inputs[self._past[0]].type else np.float32
-
-    # -- plain onnxruntime loop --------------------------------------------------------------------
-
-    def _empty_past(self) -> dict[str, np.ndarray]:
-        feeds = {}
-        for name in self._past:
-            kvh = self._inputs[name].shape[1]
-            feeds[name] = np.zeros((1, int(kvh), 0, self._head_size), dtype=self._kv_dtype)
-        return feeds
-
-    def _step(self, ids: Sequence[int], past: dict[str, np.ndarray], total: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run ``ids`` after ``total - len(ids)`` cached tokens; return (logits [len, V], new past)."""
-        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([ids], dtype=np.int64), **past}
-        if "attention_mask" in self._inputs:
-            feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
-        if "position_ids" in self._inputs:
-            feeds["position_ids"] = np.arange(total - len(ids), total, dtype=np.int64)[None]
-        outs = dict(zip(self._outputs, self._session.run(self._outputs, feeds)))
-        new_past = {n: outs[n.replace("past_key_values.", "present.")] for n in self._past}
-        return outs["logits"][0], new_past
-
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Per-position logits ``[len(ids), vocab]`` (float32) of one forward pass (no cache)."""
-        if self.engine != "onnxruntime":
-            raise ConfigError("logits() needs engine='onnxruntime'")
-        out, _ = self._step(list(ids), self._empty_past(), len(ids))
-        return out.astype(np.float32)
-
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        max_new_tokens: int,
-        *,
-        stop_ids: Sequence[int] = (),
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-    ) -> OnnxGeneration:
-        """Generate with the KV cache: greedy when ``temperature`` is 0, else sampled.
-
-        Args:
-            prompt_ids: the prompt tokens.
-            max_new_tokens: generated-token limit (cut to the context length).
-            stop_ids: end-of-generation ids (left out of the result); empty = never stop early.
-            temperature, top_k, top_p: sampling settings (top_k 0 / top_p 1 disable them).
-            seed: sampling seed.
-
-        Returns:
-            The :class:`OnnxGeneration`.
-        """
-        if max_new_tokens < 1 or not prompt_ids:
-            raise ConfigError("generate needs a non-empty prompt and max_new_tokens >= 1")
-        if len(prompt_ids) >= self.context_length:
-            raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) fills the model's context ({self.context_length}); shorten it")
-        max_new_tokens = min(max_new_tokens, self.context_length - len(prompt_ids))
-        if self.engine == "genai":
-            return self._generate_genai(list(prompt_ids), max_new_tokens, set(stop_ids), temperature, top_k, top_p, seed)
-        rng = np.random.default_rng(seed) if temperature > 0 else None
-        stops = set(int(s) for s in stop_ids)
-        t0 = time.perf_counter()
-        logits, past = self._step(list(prompt_ids), self._empty_past(), len(prompt_ids))
-        tok = _sample(logits[-1], rng, temperature, top_k, top_p)
-        ttft = time.perf_counter() - t0
-        out, finish = [], "length"
-        total = len(prompt_ids)
-        while True:
-            if tok in stops:
-                finish = "stop"
-                break
-            out.append(tok)
-            if len(out) >= max_new_tokens:
-                break
-            total += 1
-            logits, past = self._step([tok], past, total)
-            tok = _sample(logits[-1], rng, temperature, top_k, top_p)
-        return self._result(out, len(prompt_ids), finish, ttft, time.perf_counter() - t0)
-
-    def _generate_genai(
-        self, prompt: list[int], max_new: int, stops: set[int], temperature: float, top_k: int, top_p: float, seed: int
-    ) -> OnnxGeneration:
-        og = self._og
-        params = og.GeneratorParams(self._model)
-        n = len(prompt) + max_new
-        opts: dict[str, Any] = {"max_length": n, "min_length": n, "do_sample": temperature > 0}
-        if temperature > 0:
-            opts.update(temperature=temperature, top_k=top_k if top_k > 0 else 0, top_p=top_p, random_seed=seed)
-        params.set_search_options(**opts)
-        t0 = time.perf_counter()
-        gen = og.Generator(self._model, params)
-        gen.append_tokens(np.asarray(prompt, dtype=np.int32))
-        out, finish, ttft = [], "length", 0.0
-        while not gen.is_done():
-            gen.generate_next_token()
-            tok = int(gen.get_next_tokens()[0])
-            if not out and ttft == 0.0:
-                ttft = time.perf_counter() - t0
-            if tok in stops:
-                finish = "stop"
-                break
-            out.append(tok)
-            if len(out) >= max_new:
-                break
-        total = time.perf_counter() - t0
-        del gen
-        return self._result(out, len(prompt), finish, ttft, total)
-
-    @staticmethod
-    def _result(out: list[int], n_prompt: int, finish: str, ttft: float, total: float) -> OnnxGeneration:
-        n_after = len(out) - 1
-        decode_s = total - ttft
-        return OnnxGeneration(
-            token_ids=out, n_prompt_tokens=n_prompt, finish_reason=finish, ttft_s=ttft, total_s=total,
-            prefill_tokens_per_s=n_prompt / ttft if ttft > 0 else None,
-            decode_tokens_per_s=n_after / decode_s if n_after > 0 and decode_s > 0 else None,
-        )
-
-    def speed(self, prompt_ids: Sequence[int], n_tokens: int, *, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
-        """Decode speed at batch 1: greedy, never stopping early, ``n_tokens`` per repetition.
-
-        Args:
-            prompt_ids: the prompt.
-            n_tokens: tokens generated per repetition (>= 2).
-            repeats: measured repetitions; warmup: unmeasured runs first.
-
-        Returns:
-            ``{"decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s"}`` (medians),
-            ``"repetitions"`` (raw), ``"engine"``, ``"threads"``, ``"n_prompt_tokens"``, ``"n_tokens"``.
-        """
-        if n_tokens < 2 or repeats < 1:
-            raise ConfigError("speed needs n_tokens >= 2 and repeats >= 1")
-        for _ in range(warmup):
-            self.generate(prompt_ids, n_tokens)
-        reps = [asdict(self.generate(prompt_ids, n_tokens)) for _ in range(repeats)]
-        for r in reps:
-            r.pop("token_ids")
-        med = {k: float(np.median([r[k] for r in reps])) for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s")}
-        return {**med, "repetitions": reps, "engine": self.engine, "threads": self.threads,
-                "n_prompt_tokens": len(prompt_ids), "n_tokens": n_tokens}
-
-    def close(self) -> None:
-        """Free the session / model."""
-        self._session = None
-        self._model = None
-
-    def __enter__(self) -> "OnnxCausalLM":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -14,6 +14,7 @@ Two modes (DESIGN.md 9):
   name), ``seed``, and ``finish_reason`` / ``truncated`` / ``n_completion_tokens`` for truncation.
 
 Both write ``OUT/report.json``, ``OUT/report.md`` and PNG plots (see :mod:`rqat_deploy.serve.report`).
+A run is one :class:`BenchConfig` (checked when built), given to :func:`run_bench`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from rqat_deploy.errors import ConfigError, DataError
 from rqat_deploy.data.evalset import EvalExample, load_eval_set
-from rqat_deploy.data.grading import grade_response, math_verify_available
+from rqat_deploy.data.grading import GRADERS, grade_response, resolve_grader
+from rqat_deploy.data.thinking import DEFAULT_RESTART_PATTERNS, analyze_response, is_truncated
+from rqat_deploy.errors import ConfigError, DataError
 from rqat_deploy.serve.report import (
     compare_models,
     environment_info,
@@ -36,10 +39,9 @@ from rqat_deploy.serve.report import (
     summarize_model,
     write_report,
 )
-from rqat_deploy.serve.runtimes import DEFAULT_INSTRUCTION, Generation, SamplingParams, load_runtime
-from rqat_deploy.data.thinking import DEFAULT_RESTART_PATTERNS, analyze_response, is_truncated
+from rqat_deploy.serve.runtimes import RUNTIMES, DEFAULT_INSTRUCTION, Generation, SamplingParams, load_runtime
 
-__all__ = ["DEFAULT_SPEED_TEXT", "model_labels", "run_bench", "score_response"]
+__all__ = ["DEFAULT_SPEED_TEXT", "BenchConfig", "model_labels", "run_bench", "score_response"]
 
 #: Speed-run prompt text when no dataset is given.
 DEFAULT_SPEED_TEXT = (
@@ -47,6 +49,153 @@ DEFAULT_SPEED_TEXT = (
     "120 km/h on the same track. When does the second train catch up with the first? "
 )
 REPORT_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One ``rqat-deploy bench`` run (DESIGN.md 9), checked when built.
+
+    Attributes:
+        models: model paths (GGUF files, model / checkpoint / export directories, Hub ids); empty
+            in grade-only mode (``--model``, repeatable).
+        dataset: evaluation SPEC (``source[:weight]``, comma-separated); None runs only the speed
+            measurement (generate mode) or takes gold answers from the rows' ``gold`` field
+            (grade-only mode) (``--dataset``).
+        responses: JSONL file(s) of responses to grade instead of generating (``--responses``).
+        limit: at most this many questions (``--limit``).
+        max_tokens: generated-token limit per response, also the truncation limit when grading rows
+            that report ``n_completion_tokens`` (``--max-tokens``).
+        runtime: ``llama.cpp`` / ``transformers`` / ``vllm`` / ``onnxruntime``; None picks by file
+            type (:func:`~rqat_deploy.serve.runtimes.detect_runtime`) (``--runtime``).
+        seeds: sampling seeds 0..seeds-1, the accuracy interval is over them (``--seeds``).
+        out_dir: output directory: ``report.json``, ``report.md``, plots, ``responses/`` (``--out``).
+        baseline: label or path of the model the ratios are computed against (default the first)
+            (``--baseline``).
+        compare: ask for the side-by-side comparison, which needs two or more models (``--compare``;
+            the comparison is made whenever there are two or more).
+        greedy: greedy decoding instead of sampling (``--greedy``).
+        temperature: sampling temperature, paper 0.6 (``--temperature``).
+        top_k: top-k, paper 20; 0 disables (``--top-k``).
+        top_p: top-p; 1.0 disables (``--top-p``).
+        enable_thinking: thinking mode in the chat template (``--no-thinking`` clears it).
+        instruction: appended to each question (None: nothing).
+        question_field: dataset question column, detected when None (``--question-field``).
+        answer_field: dataset answer column, detected when None (``--answer-field``).
+        split: split of Hub / directory datasets.
+        grader: ``auto`` (math-verify when installed, else the fallback) / ``fallback`` /
+            ``math-verify`` (``--grader``).
+        restart_patterns: self-verification phrases (default
+            :data:`~rqat_deploy.data.thinking.DEFAULT_RESTART_PATTERNS`).
+        tokenizer: grade-only: a tokenizer (directory or Hub id) to count thinking tokens with.
+        speed: make the speed run in generate mode (``--no-speed`` clears it).
+        speed_prompt_tokens: prompt length of the speed run.
+        speed_tokens: tokens generated per speed repetition.
+        speed_repeats: measured speed repetitions (after one warm-up).
+        concurrency: sequences at once for the throughput measurement, > 1 where supported
+            (``--concurrency``).
+        n_threads: CPU threads of the runtime (``--threads``).
+        device: ``cpu`` / ``cuda`` (``--device``).
+        runtime_options: extra keyword arguments of the runtime class.
+        hashes: record sha256 of the model files.
+        plots: write PNG plots (when matplotlib is importable).
+        progress: show tqdm progress bars.
+
+    Raises:
+        ConfigError: (when built) a value out of range or inconsistent with another, naming its flag.
+    """
+
+    models: Sequence[str] = ()
+    dataset: str | None = None
+    responses: str | Sequence[str] | None = None
+    limit: int | None = None
+    max_tokens: int = 32768
+    runtime: str | None = None
+    seeds: int = 1
+    out_dir: str | os.PathLike[str] = "bench"
+    baseline: str | None = None
+    compare: bool = False
+    greedy: bool = False
+    temperature: float = 0.6
+    top_k: int = 20
+    top_p: float = 1.0
+    enable_thinking: bool = True
+    instruction: str | None = DEFAULT_INSTRUCTION
+    question_field: str | None = None
+    answer_field: str | None = None
+    split: str | None = None
+    grader: str = "auto"
+    restart_patterns: Sequence[str] = DEFAULT_RESTART_PATTERNS
+    tokenizer: str | None = None
+    speed: bool = True
+    speed_prompt_tokens: int = 512
+    speed_tokens: int = 128
+    speed_repeats: int = 3
+    concurrency: int = 1
+    n_threads: int | None = None
+    device: str | None = None
+    runtime_options: Mapping[str, Any] = field(default_factory=dict)
+    hashes: bool = True
+    plots: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        fix = object.__setattr__  # frozen: normalize the containers once, here
+        fix(self, "models", tuple(str(m) for m in self.models))
+        if self.responses is not None:
+            fix(self, "responses", (self.responses,) if isinstance(self.responses, str) else tuple(self.responses))
+        fix(self, "restart_patterns", tuple(self.restart_patterns))
+        fix(self, "runtime_options", dict(self.runtime_options))
+        fix(self, "out_dir", Path(self.out_dir))
+        if self.responses is not None and self.models:
+            raise ConfigError("give either models to run (--model) or responses to grade (--responses), not both")
+        if self.responses is None and not self.models:
+            raise ConfigError("nothing to benchmark: give --model PATH (one or more) or --responses FILE.jsonl")
+        checks = (
+            (not self.compare or len(self.models) >= 2, "--compare", f"needs two or more --model, got {len(self.models)}"),
+            (self.seeds >= 1, "--seeds", f"must be >= 1, got {self.seeds}"),
+            (self.max_tokens >= 1, "--max-tokens", f"must be >= 1, got {self.max_tokens}"),
+            (self.limit is None or self.limit >= 1, "--limit", f"must be >= 1, got {self.limit}"),
+            (self.runtime is None or self.runtime in RUNTIMES, "--runtime", f"must be one of {list(RUNTIMES)}, got {self.runtime!r}"),
+            (self.greedy or self.temperature > 0, "--temperature", f"must be > 0, got {self.temperature} (or decode with --greedy)"),
+            (self.top_k >= 0, "--top-k", f"must be >= 0 (0 disables it), got {self.top_k}"),
+            (0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], got {self.top_p}"),
+            (self.grader in GRADERS, "--grader", f"must be one of {list(GRADERS)}, got {self.grader!r}"),
+            (self.concurrency >= 1, "--concurrency", f"must be >= 1, got {self.concurrency}"),
+            (self.n_threads is None or self.n_threads >= 1, "--threads", f"must be >= 1, got {self.n_threads}"),
+            (self.speed_prompt_tokens >= 1, "speed_prompt_tokens", f"must be >= 1, got {self.speed_prompt_tokens}"),
+            (self.speed_tokens >= 2, "speed_tokens", f"must be >= 2, got {self.speed_tokens}"),
+            (self.speed_repeats >= 1, "speed_repeats", f"must be >= 1, got {self.speed_repeats}"),
+        )
+        for ok, flag, problem in checks:
+            if not ok:
+                raise ConfigError(f"{flag} {problem}")
+        try:
+            resolve_grader(self.grader)
+        except ConfigError as exc:
+            raise ConfigError(f"--grader {self.grader}: {exc}") from exc
+
+    @property
+    def grade_only(self) -> bool:
+        """Grading saved responses rather than running models."""
+        return self.responses is not None
+
+    def sampling(self, seed: int) -> SamplingParams:
+        """The sampling settings of one seed."""
+        return SamplingParams(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, max_tokens=self.max_tokens,
+            greedy=self.greedy, seed=seed,
+        )
+
+    def report_config(self) -> dict[str, Any]:
+        """The settings ``report.json`` records under ``config``."""
+        keys = (
+            "runtime", "max_tokens", "seeds", "greedy", "temperature", "top_k", "top_p", "enable_thinking",
+            "instruction", "grader", "restart_patterns", "speed", "speed_prompt_tokens", "speed_tokens",
+            "speed_repeats", "concurrency", "n_threads", "device", "runtime_options", "hashes", "limit",
+        )
+        out = {k: getattr(self, k) for k in keys}
+        out["restart_patterns"] = list(self.restart_patterns)
+        return out
 
 
 def model_labels(models: Sequence[str]) -> list[str]:
@@ -84,7 +233,8 @@ def score_response(
         example: the question answered (None when only ``gold`` is known).
         text: the response text.
         seed: the sampling seed.
-        grader: equivalence backend (``auto``, ``fallback``, ``math-verify``).
+        grader: equivalence backend (``auto``, ``fallback``, ``math-verify``); the record names the
+            one that decided (``auto`` resolves to math-verify when installed, else the fallback).
         restart_patterns: self-verification phrases to count.
         tokenizer: tokenizer for thinking counts of text (None: the regex-words unit).
         token_ids: generated ids (exact thinking counts with ``think_ids``).
@@ -121,6 +271,7 @@ def score_response(
         "extracted": grade.extracted if grade else None,
         "extract_method": grade.method if grade else None,
         "correct": grade.correct if grade else None,
+        "grader": grade.grader if grade else None,
         "thinking_tokens": stats.thinking_tokens,
         "thinking_token_unit": stats.unit,
         "has_thinking": stats.has_thinking,
@@ -133,11 +284,11 @@ def score_response(
     }
 
 
-def _generation_record(example: EvalExample, gen: Generation, seed: int, opts: dict[str, Any]) -> dict[str, Any]:
+def _generation_record(example: EvalExample, gen: Generation, seed: int, cfg: BenchConfig) -> dict[str, Any]:
     rec = score_response(
-        example, gen.text, seed=seed, grader=opts["grader"], restart_patterns=opts["restart_patterns"],
+        example, gen.text, seed=seed, grader=cfg.grader, restart_patterns=cfg.restart_patterns,
         token_ids=gen.token_ids, think_ids=gen.think_ids, starts_in_thinking=gen.starts_in_thinking,
-        finish_reason=gen.finish_reason, n_completion_tokens=gen.n_completion_tokens, max_tokens=opts["max_tokens"],
+        finish_reason=gen.finish_reason, n_completion_tokens=gen.n_completion_tokens, max_tokens=cfg.max_tokens,
     )
     rec.update(
         {
@@ -167,40 +318,37 @@ def _bench_model(
     model: str,
     label: str,
     examples: list[EvalExample],
-    opts: dict[str, Any],
+    cfg: BenchConfig,
     responses_path: Path,
 ) -> tuple[dict[str, Any], bool]:
     """Speed run and evaluation of one model; returns (summary, interrupted)."""
     runtime = load_runtime(
-        model, opts["runtime"], enable_thinking=opts["enable_thinking"], n_threads=opts["n_threads"],
-        device=opts["device"], **opts["runtime_options"],
+        model, cfg.runtime, enable_thinking=cfg.enable_thinking, n_threads=cfg.n_threads, device=cfg.device,
+        **cfg.runtime_options,
     )
     records: list[dict[str, Any]] = []
     speed_result = None
     interrupted = False
     info: dict[str, Any] = {"path": str(model), "label": label}
     try:
-        info.update(model_info(model, hashes=opts["hashes"]))
+        info.update(model_info(model, hashes=cfg.hashes))
         info.update(runtime.describe())
-        if opts["speed"]:
+        if cfg.speed:
             text = examples[0].question if examples else DEFAULT_SPEED_TEXT
             speed_result = runtime.speed(
-                runtime.render_prompt(text, opts["instruction"]), n_prompt_tokens=opts["speed_prompt_tokens"],
-                n_tokens=opts["speed_tokens"], repeats=opts["speed_repeats"], warmup=1, concurrency=opts["concurrency"],
+                runtime.render_prompt(text, cfg.instruction), n_prompt_tokens=cfg.speed_prompt_tokens,
+                n_tokens=cfg.speed_tokens, repeats=cfg.speed_repeats, warmup=1, concurrency=cfg.concurrency,
             )
-        prompts = [runtime.render_prompt(ex.question, opts["instruction"]) for ex in examples]
+        prompts = [runtime.render_prompt(ex.question, cfg.instruction) for ex in examples]
         responses_path.parent.mkdir(parents=True, exist_ok=True)
         with open(responses_path, "w", encoding="utf-8") as fh, _progress(
-            len(examples) * opts["seeds"], label, opts["progress"]
+            len(examples) * cfg.seeds, label, cfg.progress
         ) as bar:
-            for seed in range(opts["seeds"]):
-                sampling = SamplingParams(
-                    temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
-                    max_tokens=opts["max_tokens"], greedy=opts["greedy"], seed=seed,
-                )
+            for seed in range(cfg.seeds):
+                sampling = cfg.sampling(seed)
 
                 def on_result(i: int, gen: Generation, seed: int = seed) -> None:
-                    rec = _generation_record(examples[i], gen, seed, opts)
+                    rec = _generation_record(examples[i], gen, seed, cfg)
                     records.append(rec)
                     _append_jsonl(fh, {"model": label, **rec})
                     bar.update(1)
@@ -240,7 +388,7 @@ def _read_responses(paths: Sequence[str]) -> "OrderedDict[str, list[dict[str, An
 
 
 def _grade_rows(
-    rows: list[dict[str, Any]], examples: list[EvalExample] | None, opts: dict[str, Any], tokenizer: Any
+    rows: list[dict[str, Any]], examples: list[EvalExample] | None, cfg: BenchConfig, tokenizer: Any
 ) -> list[dict[str, Any]]:
     position: dict[int, int] = {}
     records = []
@@ -260,9 +408,9 @@ def _grade_rows(
         if example is None and gold is None:
             raise DataError(f"{row['_where']}: no dataset given and the row has no `gold` answer; pass --dataset")
         rec = score_response(
-            example, row["response"], seed=seed, grader=opts["grader"], restart_patterns=opts["restart_patterns"],
+            example, row["response"], seed=seed, grader=cfg.grader, restart_patterns=cfg.restart_patterns,
             tokenizer=tokenizer, finish_reason=row.get("finish_reason"), truncated=row.get("truncated"),
-            n_completion_tokens=row.get("n_completion_tokens"), max_tokens=opts["max_tokens"],
+            n_completion_tokens=row.get("n_completion_tokens"), max_tokens=cfg.max_tokens,
             gold=str(gold) if gold is not None else None,
         )
         if example is None:
@@ -271,129 +419,36 @@ def _grade_rows(
     return records
 
 
-def run_bench(
-    models: Sequence[str],
-    dataset_spec: str | None,
-    *,
-    responses: str | Sequence[str] | None = None,
-    limit: int | None = None,
-    max_tokens: int = 32768,
-    runtime: str | None = None,
-    seeds: int = 1,
-    out_dir: str | os.PathLike[str] = "bench",
-    baseline: str | None = None,
-    greedy: bool = False,
-    temperature: float = 0.6,
-    top_k: int = 20,
-    top_p: float = 1.0,
-    enable_thinking: bool = True,
-    instruction: str | None = DEFAULT_INSTRUCTION,
-    question_field: str | None = None,
-    answer_field: str | None = None,
-    split: str | None = None,
-    grader: str = "auto",
-    restart_patterns: Sequence[str] | None = None,
-    tokenizer: str | None = None,
-    speed: bool = True,
-    speed_prompt_tokens: int = 512,
-    speed_tokens: int = 128,
-    speed_repeats: int = 3,
-    concurrency: int = 1,
-    n_threads: int | None = None,
-    device: str | None = None,
-    runtime_options: dict[str, Any] | None = None,
-    hashes: bool = True,
-    plots: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Benchmark models (generate mode) or grade saved responses (grade-only mode).
 
     Args:
-        models: model paths (GGUF files, model / checkpoint / export directories, Hub ids); empty
-            in grade-only mode.
-        dataset_spec: evaluation SPEC (``source[:weight]``, comma-separated); None runs only the
-            speed measurement (generate mode) or takes gold answers from the rows' ``gold`` field
-            (grade-only mode).
-        responses: JSONL file(s) of responses to grade instead of generating.
-        limit: at most this many questions.
-        max_tokens: generated-token limit per response (also the truncation limit when grading
-            rows that report ``n_completion_tokens``).
-        runtime: ``llama.cpp`` / ``transformers`` / ``vllm`` / ``onnxruntime``; None picks by file
-            type (:func:`~rqat_deploy.serve.runtimes.detect_runtime`).
-        seeds: sampling seeds 0..seeds-1 (accuracy confidence interval over them).
-        out_dir: output directory (``report.json``, ``report.md``, plots, ``responses/``).
-        baseline: label or path of the model the ratios are computed against (default the first).
-        greedy: greedy decoding instead of sampling.
-        temperature: sampling temperature (paper: 0.6).
-        top_k: top-k (paper: 20; 0 disables).
-        top_p: top-p (1.0 disables).
-        enable_thinking: thinking mode in the chat template.
-        instruction: appended to each question (None: nothing).
-        question_field: dataset question column (detected when None).
-        answer_field: dataset answer column (detected when None).
-        split: split of Hub / directory datasets.
-        grader: ``auto`` / ``fallback`` / ``math-verify``.
-        restart_patterns: self-verification phrases (default
-            :data:`~rqat_deploy.data.thinking.DEFAULT_RESTART_PATTERNS`).
-        tokenizer: grade-only: a tokenizer (directory or Hub id) to count thinking tokens with.
-        speed: make the speed run (generate mode).
-        speed_prompt_tokens: prompt length of the speed run.
-        speed_tokens: tokens generated per speed repetition.
-        speed_repeats: measured speed repetitions (after one warm-up).
-        concurrency: sequences at once for the throughput measurement (> 1 where supported).
-        n_threads: CPU threads of the runtime.
-        device: ``cpu`` / ``cuda``.
-        runtime_options: extra keyword arguments of the runtime class.
-        hashes: record sha256 of the model files.
-        plots: write PNG plots (when matplotlib is importable).
-        progress: show tqdm progress bars.
+        cfg: the run (see :class:`BenchConfig`; it was checked when built).
 
     Returns:
-        The report dict, as written to ``out_dir/report.json``; ``report["interrupted"]`` is True
-        when Ctrl-C stopped the run (the report covers what finished).
+        The report dict, as written to ``cfg.out_dir/report.json``; ``report["interrupted"]`` is
+        True when Ctrl-C stopped the run (the report covers what finished).
 
     Raises:
-        ConfigError: inconsistent arguments (both or neither of ``models`` / ``responses``...).
+        ConfigError: a baseline that is not one of the models.
         DataError: unreadable dataset or responses.
         BackendError / ModelLoadError: a runtime or model that cannot be loaded.
     """
-    models = list(models or [])
-    if responses is not None and models:
-        raise ConfigError("give either models to run (--model) or responses to grade (--responses), not both")
-    if responses is None and not models:
-        raise ConfigError("nothing to benchmark: give --model PATH (one or more) or --responses FILE.jsonl")
-    if seeds < 1:
-        raise ConfigError(f"seeds must be >= 1, got {seeds}")
-    if max_tokens < 1:
-        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
-    if grader not in ("auto", "fallback", "math-verify"):
-        raise ConfigError(f"unknown grader {grader!r}; choose auto, fallback or math-verify")
-    if grader == "math-verify" and not math_verify_available():
-        raise ConfigError("grader math-verify needs `pip install math-verify` (or the `bench` extra)")
-    # Validate the sampling settings before any model is loaded.
-    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, greedy=greedy)
-    out = Path(out_dir)
-    opts: dict[str, Any] = {
-        "runtime": runtime, "max_tokens": max_tokens, "seeds": seeds, "greedy": greedy, "temperature": temperature,
-        "top_k": top_k, "top_p": top_p, "enable_thinking": enable_thinking, "instruction": instruction,
-        "grader": grader, "restart_patterns": tuple(restart_patterns if restart_patterns is not None else DEFAULT_RESTART_PATTERNS),
-        "speed": speed, "speed_prompt_tokens": speed_prompt_tokens, "speed_tokens": speed_tokens,
-        "speed_repeats": speed_repeats, "concurrency": concurrency, "n_threads": n_threads, "device": device,
-        "runtime_options": dict(runtime_options or {}), "hashes": hashes, "progress": progress,
-    }
+    out = Path(cfg.out_dir)
     examples = (
-        load_eval_set(dataset_spec, limit=limit, question_field=question_field, answer_field=answer_field, split=split)
-        if dataset_spec
+        load_eval_set(cfg.dataset, limit=cfg.limit, question_field=cfg.question_field, answer_field=cfg.answer_field,
+                      split=cfg.split)
+        if cfg.dataset
         else None
     )
     report: dict[str, Any] = {
         "format_version": REPORT_FORMAT_VERSION,
         "tool": "rqat-deploy bench",
         "created": now_iso(),
-        "mode": "grade" if responses is not None else "generate",
-        "config": {k: v for k, v in opts.items() if k not in ("progress",)} | {"limit": limit},
+        "mode": "grade" if cfg.grade_only else "generate",
+        "config": cfg.report_config(),
         "dataset": {
-            "spec": dataset_spec,
+            "spec": cfg.dataset,
             "n": len(examples) if examples is not None else None,
             "sources": _source_counts(examples),
         },
@@ -403,21 +458,20 @@ def run_bench(
         "interrupted": False,
         "responses_files": {},
     }
-    report["config"]["restart_patterns"] = list(opts["restart_patterns"])
     summaries: dict[str, dict[str, Any]] = {}
-    if responses is not None:
-        paths = [responses] if isinstance(responses, str) else list(responses)
-        tok = _load_tokenizer(tokenizer)
+    if cfg.responses is not None:
+        paths = list(cfg.responses)
+        tok = _load_tokenizer(cfg.tokenizer)
         for label, rows in _read_responses(paths).items():
-            records = _grade_rows(rows, examples, opts, tok)
+            records = _grade_rows(rows, examples, cfg, tok)
             summaries[label] = summarize_model(
-                records, info={"label": label, "responses": paths, "runtime": None, "thinking_tokenizer": tokenizer}
+                records, info={"label": label, "responses": paths, "runtime": None, "thinking_tokenizer": cfg.tokenizer}
             )
     else:
-        for model, label in zip(models, model_labels(models)):
+        for model, label in zip(cfg.models, model_labels(cfg.models)):
             path = out / "responses" / f"{_safe(label)}.jsonl"
             try:
-                summary, interrupted = _bench_model(model, label, examples or [], opts, path)
+                summary, interrupted = _bench_model(model, label, examples or [], cfg, path)
             except KeyboardInterrupt:  # while loading the model: report the models that finished
                 report["interrupted"] = True
                 break
@@ -428,8 +482,8 @@ def run_bench(
                 break
     report["models"] = summaries
     if len(summaries) >= 2:
-        report["compare"] = compare_models(summaries, _baseline_label(baseline, models, summaries))
-    written = write_report(report, out, plots=plots)
+        report["compare"] = compare_models(summaries, _baseline_label(cfg.baseline, cfg.models, summaries))
+    written = write_report(report, out, plots=cfg.plots)
     report["outputs"] = {"json": str(written["json"]), "markdown": str(written["markdown"]), "plots": [str(p) for p in written["plots"]]}
     return report
 

@@ -77,6 +77,12 @@ def _median(values: Iterable[float | int | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def _the_one(values: Iterable[str | None]) -> str | list[str] | None:
+    """The value all records share, the sorted distinct values when they differ, None when none has one."""
+    distinct = sorted({v for v in values if v})
+    return distinct[0] if len(distinct) == 1 else (distinct or None)
+
+
 def spread_stats(values: Sequence[float]) -> dict[str, float | int | None]:
     """Median, min, max, standard deviation and count of repeated measurements."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
@@ -152,7 +158,9 @@ def summarize_model(
     Args:
         records: one dict per response with at least ``index``, ``seed``, ``correct`` (None when the
             question has no gold answer), ``thinking_tokens``, ``truncated``, ``restarts``; and,
-            from runtimes, ``ttft_s``, ``prefill_tokens_per_s``, ``decode_tokens_per_s``.
+            from runtimes, ``ttft_s``, ``prefill_tokens_per_s``, ``decode_tokens_per_s``. The
+            ``grader`` of the graded records becomes the summary's ``grader`` (the one that decided
+            every score; a sorted list if they differ).
         speed: the runtime's speed measurement (see ``Runtime.speed``), if one was made.
         info: model description (path, runtime, bits, hashes...) merged into the summary.
 
@@ -170,7 +178,6 @@ def summarize_model(
     ci = accuracy_interval(list(per_seed.values()), len(correct), len(graded))
     think = [r.get("thinking_tokens") for r in records]
     think_vals = sorted(float(t) for t in think if t is not None)
-    units = sorted({r.get("thinking_token_unit") for r in records if r.get("thinking_token_unit")})
     out: dict[str, Any] = dict(info or {})
     out.update(
         {
@@ -183,13 +190,14 @@ def summarize_model(
             "accuracy_std": ci["std"],
             "accuracy_ci95": [ci["low"], ci["high"]],
             "accuracy_ci_method": ci["method"],
+            "grader": _the_one(r.get("grader") for r in graded),
             "answer_found_fraction": _mean(r.get("extracted") is not None for r in graded),
             "thinking_tokens_mean": _mean(think),
             "thinking_tokens_median": _median(think),
             "thinking_tokens_p90": think_vals[min(len(think_vals) - 1, math.ceil(0.9 * len(think_vals)) - 1)] if think_vals else None,
             "thinking_tokens_correct_mean": _mean(r.get("thinking_tokens") for r in correct),
             "thinking_tokens_incorrect_mean": _mean(r.get("thinking_tokens") for r in incorrect),
-            "thinking_token_unit": units[0] if len(units) == 1 else (units or None),
+            "thinking_token_unit": _the_one(r.get("thinking_token_unit") for r in records),
             "thinking_closed_fraction": _mean(r.get("thinking_closed") for r in records if r.get("has_thinking")),
             "truncated_fraction": _mean(r.get("truncated") for r in records),
             "restarts_mean": _mean(r.get("restarts") for r in records),
@@ -424,6 +432,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _listed(value: Any) -> Any:
+    """A list as ``a, b``; anything else as it is."""
+    return ", ".join(map(str, value)) if isinstance(value, list) else value
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The ``report.md`` text: one row per model, the comparison to the baseline, the environment."""
     lines = ["# rqat-deploy bench", ""]
@@ -441,8 +454,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("**Interrupted**: the numbers cover the responses that finished.")
     lines += [
         "",
-        "| model | runtime | bits/w | n | accuracy | 95% CI | think tok | think (correct) | think (incorrect) | truncated | restarts | TTFT s | prefill tok/s | decode tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | runtime | bits/w | n | accuracy | 95% CI | grader | think tok | think (correct) | think (incorrect) | truncated | restarts | TTFT s | prefill tok/s | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, m in report.get("models", {}).items():
         ci = m.get("accuracy_ci95") or [None, None]
@@ -451,7 +464,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "| " + " | ".join(
                 [
                     f"`{label}`", str(m.get("runtime") or "–"), _fmt(bits), str(m.get("n")), _fmt(m.get("accuracy")),
-                    f"{_fmt(ci[0])}–{_fmt(ci[1])}" if ci[0] is not None else "–",
+                    f"{_fmt(ci[0])}–{_fmt(ci[1])}" if ci[0] is not None else "–", _fmt(_listed(m.get("grader"))),
                     _fmt(m.get("thinking_tokens_mean"), 1), _fmt(m.get("thinking_tokens_correct_mean"), 1),
                     _fmt(m.get("thinking_tokens_incorrect_mean"), 1), _fmt(m.get("truncated_fraction")),
                     _fmt(m.get("restarts_mean"), 2), _fmt(m.get("ttft_s")), _fmt(m.get("prefill_tokens_per_s"), 1),

@@ -3,8 +3,11 @@ through llama.cpp (F32 GGUF) and transformers (the quantized checkpoint it was e
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ import pytest
 
 from rqat_deploy.errors import BackendError, ConfigError, DataError
 from rqat_deploy.serve import bench as bench_mod
-from rqat_deploy.serve.bench import model_labels, run_bench
+from rqat_deploy.serve.bench import BenchConfig, model_labels, run_bench
 from rqat_deploy.serve.report import (
     accuracy_interval,
     compare_models,
@@ -148,7 +151,8 @@ def test_grade_only_groups_orders_and_errors(tmp_path: Path, qa_file: Path) -> N
         {"model": "bad", "index": 0, "response": "<think>p</think>\\boxed{3}"},
     ]
     resp = _write_jsonl(tmp_path / "r.jsonl", rows)
-    report = run_bench([], str(qa_file), responses=str(resp), out_dir=tmp_path / "out", progress=False, plots=False)
+    report = run_bench(BenchConfig(dataset=str(qa_file), responses=str(resp), out_dir=tmp_path / "out", progress=False,
+                                   plots=False))
     good, bad = report["models"]["good"], report["models"]["bad"]
     assert good["n"] == 3 and good["accuracy"] == pytest.approx(2 / 3)
     assert [r["index"] for r in good["raw"]] == [0, 1, 3]
@@ -160,14 +164,59 @@ def test_grade_only_groups_orders_and_errors(tmp_path: Path, qa_file: Path) -> N
     assert (tmp_path / "out" / "report.json").exists()
 
     with pytest.raises(DataError, match="outside the dataset"):
-        run_bench([], str(qa_file), responses=str(_write_jsonl(tmp_path / "x.jsonl", [{"index": 9, "response": "1"}])),
-                  out_dir=tmp_path / "o2", progress=False)
+        run_bench(BenchConfig(dataset=str(qa_file), responses=str(_write_jsonl(tmp_path / "x.jsonl", [{"index": 9, "response": "1"}])),
+                              out_dir=tmp_path / "o2", progress=False))
     with pytest.raises(DataError, match="gold"):
-        run_bench([], None, responses=str(resp), out_dir=tmp_path / "o3", progress=False)
+        run_bench(BenchConfig(responses=str(resp), out_dir=tmp_path / "o3", progress=False))
     with pytest.raises(ConfigError, match="not both"):
-        run_bench(["m.gguf"], str(qa_file), responses=str(resp), out_dir=tmp_path / "o4")
+        BenchConfig(models=["m.gguf"], dataset=str(qa_file), responses=str(resp), out_dir=tmp_path / "o4")
     with pytest.raises(ConfigError, match="nothing"):
-        run_bench([], str(qa_file), out_dir=tmp_path / "o5")
+        BenchConfig(dataset=str(qa_file), out_dir=tmp_path / "o5")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"seeds": 0}, "--seeds"),
+        ({"max_tokens": 0}, "--max-tokens"),
+        ({"limit": 0}, "--limit"),
+        ({"temperature": 0.0}, "--temperature"),
+        ({"top_k": -1}, "--top-k"),
+        ({"top_p": 1.5}, "--top-p"),
+        ({"grader": "sympy"}, "--grader"),
+        ({"runtime": "onnx"}, "--runtime"),
+        ({"concurrency": 0}, "--concurrency"),
+        ({"n_threads": 0}, "--threads"),
+        ({"compare": True}, "--compare"),
+        ({"speed_tokens": 1}, "speed_tokens"),
+    ],
+)
+def test_bench_config_names_the_bad_flag(kwargs: dict, flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        BenchConfig(models=["m.gguf"], **kwargs)
+
+
+def test_bench_config_is_frozen_and_normalized(tmp_path: Path) -> None:
+    cfg = BenchConfig(responses=str(tmp_path / "r.jsonl"), out_dir=str(tmp_path), restart_patterns=["Hmm"],
+                      temperature=0.0, greedy=True)
+    assert cfg.responses == (str(tmp_path / "r.jsonl"),) and cfg.models == () and cfg.grade_only
+    assert cfg.out_dir == tmp_path and cfg.restart_patterns == ("Hmm",)
+    assert cfg.sampling(3) == SamplingParams(temperature=0.0, greedy=True, seed=3)
+    assert cfg.report_config()["restart_patterns"] == ["Hmm"] and cfg.report_config()["limit"] is None
+    with pytest.raises(AttributeError):
+        cfg.seeds = 2  # type: ignore[misc]
+
+
+def test_cli_bench_refuses_bad_flags_before_any_work(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from rqat_deploy.cli import cli
+
+    for args, flag in ((["--model", "a.gguf", "--seeds", "0"], "--seeds"), (["--model", "a.gguf", "--compare"], "--compare"),
+                       ([], "--model")):
+        res = CliRunner().invoke(cli, ["bench", *args, "--dataset", "builtin", "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2 and flag in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- fake runtime path
@@ -204,10 +253,10 @@ class FakeRuntime(Runtime):
 
 def test_bench_with_fake_runtime_seeds_and_compare(tmp_path: Path, qa_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench_mod, "load_runtime", lambda model, runtime=None, **kw: FakeRuntime(model))
-    report = run_bench(
-        ["first", "second"], str(qa_file), limit=4, seeds=2, max_tokens=64, out_dir=tmp_path / "o",
+    report = run_bench(BenchConfig(
+        models=["first", "second"], dataset=str(qa_file), limit=4, seeds=2, max_tokens=64, out_dir=tmp_path / "o",
         speed_prompt_tokens=8, speed_tokens=4, speed_repeats=2, progress=False, hashes=False, plots=False,
-    )
+    ))
     m = report["models"]["first"]
     assert m["n"] == 4 and m["n_responses"] == 8
     assert m["accuracy"] == pytest.approx(0.5)  # i = 2, 4 right; 1, 3 wrong
@@ -223,8 +272,8 @@ def test_bench_with_fake_runtime_seeds_and_compare(tmp_path: Path, qa_file: Path
 
 def test_speed_only_without_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench_mod, "load_runtime", lambda model, runtime=None, **kw: FakeRuntime(model))
-    report = run_bench(["m"], None, out_dir=tmp_path / "o", speed_prompt_tokens=8, speed_tokens=4, speed_repeats=3,
-                       progress=False, hashes=False)
+    report = run_bench(BenchConfig(models=["m"], out_dir=tmp_path / "o", speed_prompt_tokens=8, speed_tokens=4,
+                                   speed_repeats=3, progress=False, hashes=False))
     m = report["models"]["m"]
     assert m["n"] == 0 and m["accuracy"] is None and m["speed"]["repeats"] == 3
     assert m["ttft_s"] == pytest.approx(0.01) and m["prefill_tokens_per_s"] == pytest.approx(1000.0)
@@ -234,10 +283,10 @@ def test_speed_only_without_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_ctrl_c_keeps_finished_responses(tmp_path: Path, qa_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The speed run makes 1 warm-up + 1 measured call; then 3 generations finish before Ctrl-C.
     monkeypatch.setattr(bench_mod, "load_runtime", lambda model, runtime=None, **kw: FakeRuntime(model, fail_after=5))
-    report = run_bench(
-        ["a", "b"], str(qa_file), max_tokens=64, out_dir=tmp_path / "o", speed_prompt_tokens=8, speed_tokens=4,
-        speed_repeats=1, progress=False, hashes=False, plots=False,
-    )
+    report = run_bench(BenchConfig(
+        models=["a", "b"], dataset=str(qa_file), max_tokens=64, out_dir=tmp_path / "o", speed_prompt_tokens=8,
+        speed_tokens=4, speed_repeats=1, progress=False, hashes=False, plots=False,
+    ))
     assert report["interrupted"] is True
     assert list(report["models"]) == ["a"]  # the second model never started
     assert report["models"]["a"]["n_responses"] == 3
@@ -267,6 +316,48 @@ def test_detect_and_load_errors(tmp_path: Path) -> None:
         load_runtime(str(tmp_path), "llama.cpp")
     with pytest.raises(ConfigError, match="not a GGUF"):
         load_runtime("m.gguf", "transformers")
+
+
+def _source(module: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None, module
+    return Path(spec.origin)
+
+
+def _rqat_imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) of every ``from rqat_deploy... import name`` (``import rqat_deploy.x``: name "")."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rqat_deploy"):
+            out += [(node.module or "", a.name) for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [(a.name, "") for a in node.names if a.name.startswith("rqat_deploy")]
+    return out
+
+
+def test_import_arrows_of_serve_and_the_onnx_exporter() -> None:
+    # serve reads checkpoints and files only: never exporters or train; the ONNX exporter never serve;
+    # and no module takes another module's private names.
+    serve = sorted(_source("rqat_deploy.serve").parent.glob("*.py"))
+    checked = serve + [_source(f"rqat_deploy.{m}") for m in ("exporters.onnx", "data.grading", "data.thinking")]
+    for path in checked:
+        for module, name in _rqat_imports(path):
+            assert not name.startswith("_"), f"{path.name} imports the private {module}.{name}"
+            forbidden = ("rqat_deploy.exporters", "rqat_deploy.train") if path in serve else ("rqat_deploy.serve", "rqat_deploy.train")
+            assert not module.startswith(forbidden), f"{path.name} imports {module}"
+
+
+def test_runtime_modules_import_no_runtime_package() -> None:
+    # Each runtime imports llama_cpp / transformers / vllm / onnxruntime when it loads a model, not at import.
+    code = (
+        "import sys, rqat_deploy.serve.bench, rqat_deploy.serve.runtimes as r\n"
+        "[r.runtime_class(n) for n in r.RUNTIMES]\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'vllm', 'onnxruntime', 'onnxruntime_genai') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
+    assert out.strip() == "[]"
 
 
 def test_vllm_clear_error_without_vllm_or_gpu() -> None:
@@ -380,10 +471,10 @@ def test_bench_end_to_end_gguf_and_checkpoint(tiny_exports: dict[str, Path], tmp
     if not data.exists():
         pytest.skip("shared benchmark data absent")
     out = tmp_path / "bench"
-    report = run_bench(
-        [str(tiny_exports["gguf"]), str(tiny_exports["ckpt"])], str(data), limit=2, max_tokens=6, greedy=True,
-        out_dir=out, speed_prompt_tokens=16, speed_tokens=3, speed_repeats=1, n_threads=1, progress=False,
-    )
+    report = run_bench(BenchConfig(
+        models=[str(tiny_exports["gguf"]), str(tiny_exports["ckpt"])], dataset=str(data), limit=2, max_tokens=6,
+        greedy=True, out_dir=out, speed_prompt_tokens=16, speed_tokens=3, speed_repeats=1, n_threads=1, progress=False,
+    ))
     assert list(report["models"]) == ["tiny-f32.gguf", "ckpt"]
     gg, ck = report["models"]["tiny-f32.gguf"], report["models"]["ckpt"]
     for m in (gg, ck):
@@ -401,8 +492,9 @@ def test_bench_end_to_end_gguf_and_checkpoint(tiny_exports: dict[str, Path], tmp
     assert saved["packages"]["llama-cpp-python"] and saved["environment"]["cpu_count"]
     assert (out / "report.md").exists()
     # The responses file is a valid grade-only input and re-grades to the same numbers.
-    regrade = run_bench([], str(data), limit=2, max_tokens=6, responses=str(out / report["responses_files"]["ckpt"]),
-                        out_dir=tmp_path / "regrade", progress=False, plots=False)
+    regrade = run_bench(BenchConfig(dataset=str(data), limit=2, max_tokens=6,
+                                    responses=str(out / report["responses_files"]["ckpt"]),
+                                    out_dir=tmp_path / "regrade", progress=False, plots=False))
     r = regrade["models"]["ckpt"]
     assert (r["accuracy"], r["truncated_fraction"]) == (ck["accuracy"], ck["truncated_fraction"])
 

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from rqat_deploy.errors import BackendError, ConfigError
-from rqat_deploy.serve.bench import run_bench
-from rqat_deploy.serve.runtimes import RUNTIMES, OnnxRuntime, SamplingParams, detect_runtime, load_runtime
+from rqat_deploy.serve.bench import BenchConfig, run_bench
+from rqat_deploy.serve.runtime_onnx import OnnxRuntime
+from rqat_deploy.serve.runtimes import RUNTIMES, SamplingParams, detect_runtime, load_runtime
 
 SPEED_FIELDS = ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")
 QUESTIONS = ["What is 12 + 30?", "Alice buys 3 apples and Bob buys 4. How many apples?"]
@@ -167,8 +168,9 @@ def test_cli_bench_runtime_onnxruntime(tiny_onnx: dict[str, Path], tmp_path: Pat
     assert all(m[k] is not None and m[k] > 0 for k in SPEED_FIELDS)
     assert m["speed"]["n_tokens"] == 128 and m["speed"]["repeats"] == 3
     # The same questions through the transformers runtime on the checkpoint: identical responses.
-    ref = run_bench([str(tiny_onnx["ckpt"])], str(DATA), limit=2, max_tokens=8, greedy=True, out_dir=tmp_path / "ref",
-                    speed=False, n_threads=1, progress=False, plots=False, hashes=False)["models"]["ckpt"]
+    ref = run_bench(BenchConfig(models=[str(tiny_onnx["ckpt"])], dataset=str(DATA), limit=2, max_tokens=8, greedy=True,
+                                out_dir=tmp_path / "ref", speed=False, n_threads=1, progress=False, plots=False,
+                                hashes=False))["models"]["ckpt"]
     assert ref["runtime"] == "transformers"
     for a, b in zip(m["raw"], ref["raw"]):
         assert (a["index"], a["n_completion_tokens"], a["n_prompt_tokens"], a["finish_reason"]) == (

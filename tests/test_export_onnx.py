@@ -21,7 +21,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from rqat_deploy.quant.checkpoint import load_model, read_checkpoint  # noqa: E402
 from rqat_deploy.errors import ConfigError, ExportError, OutputExistsError  # noqa: E402
 from rqat_deploy.exporters import onnx as onnx_export  # noqa: E402
-from rqat_deploy.exporters.onnx import OnnxCausalLM, decode_matmulnbits, export_onnx  # noqa: E402
+from rqat_deploy.exporters.onnx import decode_matmulnbits, export_onnx  # noqa: E402
+from rqat_deploy.serve.runtime_onnx import OnnxCausalLM  # noqa: E402
 from rqat_deploy.train.run import quantize_rtn  # noqa: E402
 
 PROMPT = "Alice buys 12 red apples. How many apples does she have left?"

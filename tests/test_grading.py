@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from rqat_deploy.errors import ConfigError, DataError
-from rqat_deploy.serve.bench import run_bench
+from rqat_deploy.serve.bench import BenchConfig, run_bench
 from rqat_deploy.data.evalset import detect_fields, gold_final_answer, load_eval_set, load_rows, parse_spec
+from rqat_deploy.data import grading
 from rqat_deploy.data.grading import (
     extract_answer,
     fallback_equiv,
@@ -20,6 +21,7 @@ from rqat_deploy.data.grading import (
     math_verify_available,
     math_verify_equiv,
     normalize_answer,
+    resolve_grader,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -205,6 +207,52 @@ def test_math_verify_symbolic_and_exact_guards() -> None:
     assert not math_verify_equiv("52_9", "52_8")
 
 
+# A symbolic equality only math-verify sees, and a text answer only the fallback accepts.
+SYMBOLIC = ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}")
+TEXT = ("The answer is \\boxed{east}.", "East")
+
+
+@needs_mv
+def test_auto_is_math_verify_alone_when_installed() -> None:
+    # One grader decides: the fallback no longer rescues what math-verify rejects.
+    assert resolve_grader("auto") == "math-verify"
+    sym, text = grade_response(*SYMBOLIC), grade_response(*TEXT)
+    assert (sym.correct, sym.grader) == (True, "math-verify")
+    assert (text.correct, text.grader) == (False, "math-verify")
+    assert grade_response(*TEXT, backend="fallback").correct  # the fallback alone accepts it
+
+
+def test_auto_is_the_fallback_without_math_verify(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grading, "math_verify_available", lambda: False)
+    assert resolve_grader("auto") == "fallback" and resolve_grader("fallback") == "fallback"
+    sym, text = grade_response(*SYMBOLIC), grade_response(*TEXT)
+    assert (sym.correct, sym.grader) == (False, "fallback")
+    assert (text.correct, text.grader) == (True, "fallback")
+    with pytest.raises(ConfigError, match="pip install math-verify"):
+        is_equiv("1", "1", backend="math-verify")
+    with pytest.raises(ConfigError, match="--grader"):
+        BenchConfig(responses="r.jsonl", grader="math-verify")
+
+
+@pytest.mark.parametrize("installed", [pytest.param(True, marks=needs_mv), False])
+def test_report_names_the_grader_of_every_score(installed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not installed:
+        monkeypatch.setattr(grading, "math_verify_available", lambda: False)
+    expected = "math-verify" if installed else "fallback"
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"question": "q0", "answer": SYMBOLIC[1]}, {"question": "q1", "answer": TEXT[1]}])
+    resp = _write_jsonl(tmp_path / "r.jsonl", [{"model": "m", "response": SYMBOLIC[0]}, {"model": "m", "response": TEXT[0]}])
+    report = run_bench(BenchConfig(dataset=str(data), responses=str(resp), out_dir=tmp_path / "out", progress=False,
+                                   plots=False))
+    m = report["models"]["m"]
+    assert report["config"]["grader"] == "auto" and m["grader"] == expected
+    assert [r["grader"] for r in m["raw"]] == [expected, expected]
+    assert [r["correct"] for r in m["raw"]] == ([True, False] if installed else [False, True])
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["models"]["m"]["grader"] == expected
+    row = next(line for line in (tmp_path / "out" / "report.md").read_text().splitlines() if line.startswith("| `m` |"))
+    assert f"| {expected} |" in row
+
+
 def test_unknown_backend() -> None:
     with pytest.raises(ConfigError, match="backend"):
         is_equiv("1", "1", backend="sympy")  # type: ignore[arg-type]
@@ -286,7 +334,8 @@ def test_grade_only_mode_on_gold_and_shifted_solutions(name: str, backend: str, 
     shifted = [{"index": e.index, "response": examples[(e.index + 1) % n].solution} for e in examples]
     resp = tmp_path / "responses.jsonl"
     _write_jsonl(resp, [{"model": "gold", **r} for r in gold_rows] + [{"model": "shifted", **r} for r in shifted])
-    report = run_bench([], spec, responses=str(resp), out_dir=tmp_path / "out", grader=backend, progress=False, plots=False)
+    report = run_bench(BenchConfig(dataset=spec, responses=str(resp), out_dir=tmp_path / "out", grader=backend,
+                                   progress=False, plots=False))
     gold = report["models"]["gold"]
     assert gold["n"] == n and gold["accuracy"] == 1.0
     assert all(r["correct"] for r in gold["raw"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from rqat_deploy.data.thinking import (
@@ -113,3 +115,45 @@ def test_restarts_without_span_count_whole_text() -> None:
 )
 def test_is_truncated(kwargs: dict, expected: bool) -> None:
     assert is_truncated(**kwargs) is expected
+
+
+class _ScriptedModel:
+    """Stands in for a causal LM: ``generate`` returns each prompt followed by a scripted row of ids."""
+
+    def __init__(self, rows: list[list[int]], pad_id: int) -> None:
+        self.rows, self.pad_id = rows, pad_id
+
+    def eval(self) -> "_ScriptedModel":
+        return self
+
+    def generate(self, input_ids: Any, **_: Any) -> Any:
+        import torch
+
+        width = max(len(r) for r in self.rows)
+        return torch.tensor([p + r + [self.pad_id] * (width - len(r)) for p, r in zip(input_ids.tolist(), self.rows)])
+
+
+def test_tiny_reasoner_evaluate_counts_thinking_as_the_bench_does() -> None:
+    # evaluate() counts thinking tokens with the bench's id counter: the same numbers as before for
+    # responses that open <think> (every response of the shipped model's evaluation), and 0 for a
+    # response without tags, as the bench counts it (evaluate used to count all of it).
+    from transformers import AutoTokenizer
+
+    from rqat_deploy.builtin import synth
+    from rqat_deploy.builtin.tiny_reasoner import evaluate
+
+    model_dir = synth.default_model_dir()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    open_id, close_id, end_id, pad_id = tok.convert_tokens_to_ids(["<think>", "</think>", "<|im_end|>", "<|endoftext|>"])
+    a, b, c = (tok.convert_tokens_to_ids(d) for d in "123")
+    rows = [
+        [open_id, a, b, close_id, c, end_id],  # closed span: 2
+        [open_id, a, b, c],  # never closed: 3, to the end
+        [a, b, c, end_id],  # no tags: no thinking
+    ]
+    problems = synth.generate_problems(len(rows), split="heldout", seed=0, levels=(1,), unique=True)
+    ev = evaluate(model_dir, problems, model=_ScriptedModel(rows, pad_id), tokenizer=tok, batch_size=len(rows))
+    assert [r["thinking_tokens"] for r in ev["results"]] == [2, 3, 0]
+    bench = [analyze_response("", token_ids=r[: r.index(end_id)] if end_id in r else r, think_ids=(open_id, close_id))
+             for r in rows]
+    assert [s.thinking_tokens for s in bench] == [2, 3, 0]

@@ -372,6 +372,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Greedy held-out accuracy of a model directory, graded with :mod:`rqat_deploy.data.grading`.
 
+    Thinking tokens are counted on the generated ids as the bench counts them
+    (:func:`rqat_deploy.data.thinking.thinking_span_ids`).
+
     Args:
         model_dir: the model (loaded in float32 unless ``model`` is given).
         problems: the problems; default ``per_level`` distinct held-out problems per level drawn
@@ -391,7 +394,9 @@ def evaluate(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rqat_deploy.data.chat import ends_in_thinking
     from rqat_deploy.data.grading import grade_response
+    from rqat_deploy.data.thinking import thinking_span_ids
 
     if problems is None:
         problems = [
@@ -414,18 +419,17 @@ def evaluate(
                 **enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                 pad_token_id=tok.pad_token_id,
             )
-        for p, row in zip(chunk, out[:, enc["input_ids"].shape[1] :].tolist()):
+        for p, prompt, row in zip(chunk, prompts, out[:, enc["input_ids"].shape[1] :].tolist()):
             ended = any(t in eos_ids for t in row)
             if ended:
                 row = row[: min(row.index(t) for t in eos_ids if t in row)]
             text = tok.decode(row, skip_special_tokens=True)
-            close = row.index(think_close) if think_close in row else len(row)
-            opened = row.index(think_open) + 1 if think_open in row else 0
+            thinking, _, _ = thinking_span_ids(row, think_open, think_close, starts_in_thinking=ends_in_thinking(prompt))
             grade = grade_response(text, p.answer, backend="fallback")
             results.append({
                 "level": p.level, "family": p.family, "question": p.question, "answer": p.answer,
                 "predicted": grade.extracted, "correct": bool(grade.correct), "truncated": not ended,
-                "thinking_tokens": max(0, close - opened), "response": text,
+                "thinking_tokens": thinking, "response": text,
             })
 
     def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -246,7 +246,9 @@ def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type:
 @click.option("--no-thinking", is_flag=True, help="Disable thinking mode in the chat template.")
 @click.option("--question-field", default=None, help="Dataset field holding the question (auto-detected).")
 @click.option("--answer-field", default=None, help="Dataset field holding the answer (auto-detected).")
-@click.option("--grader", default="auto", show_default=True, type=click.Choice(["auto", "math-verify", "fallback"]))
+@click.option("--grader", default="auto", show_default=True, type=click.Choice(["auto", "math-verify", "fallback"]),
+              help="Answer equivalence: auto = math-verify when installed (the bench extra), else the normalizing "
+                   "fallback; report.json names the grader of every score.")
 @click.option("--compare", is_flag=True, help="Side-by-side table of 2+ models with ratios to --baseline.")
 @click.option("--baseline", default=None, help="Label or path of the baseline model (default: the first).")
 @click.option("--no-speed", is_flag=True, help="Skip the latency / throughput measurements.")
@@ -268,21 +270,19 @@ def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, l
       rqat-deploy bench --model teacher/ --model ckpt-int2 --compare --dataset math500 --seeds 3
       rqat-deploy bench --responses answers.jsonl --dataset ../shared/data/math500_test.jsonl --out graded
     """
-    from rqat_deploy.errors import ConfigError
-    from rqat_deploy.serve.bench import run_bench
+    import dataclasses
 
-    if not models and not responses:
-        raise ConfigError("give at least one --model, or --responses FILE to grade existing answers")
-    if compare and len(models) < 2:
-        raise ConfigError("--compare needs two or more --model")
     from rqat_deploy.builtin.synth import resolve_spec
+    from rqat_deploy.serve.bench import BenchConfig, run_bench
 
-    report = run_bench(
-        list(models), resolve_spec(dataset, "eval"), responses=responses, limit=limit, max_tokens=max_tokens, runtime=runtime,
-        seeds=seeds, out_dir=out, baseline=baseline, greedy=greedy, temperature=temperature, top_k=top_k,
-        top_p=top_p, enable_thinking=not no_thinking, question_field=question_field, answer_field=answer_field,
-        grader=grader, speed=not no_speed, concurrency=concurrency, n_threads=threads, device=device,
+    cfg = BenchConfig(
+        models=models, dataset=dataset, responses=responses, limit=limit, max_tokens=max_tokens,
+        runtime=runtime, seeds=seeds, out_dir=out, baseline=baseline, compare=compare, greedy=greedy,
+        temperature=temperature, top_k=top_k, top_p=top_p, enable_thinking=not no_thinking,
+        question_field=question_field, answer_field=answer_field, grader=grader, speed=not no_speed,
+        concurrency=concurrency, n_threads=threads, device=device,
     )
+    report = run_bench(dataclasses.replace(cfg, dataset=resolve_spec(dataset, "eval")))  # checked before `builtin` is written
     click.echo((Path(out) / "report.md").read_text() if (Path(out) / "report.md").exists() else json.dumps(report, default=str)[:2000])
     click.echo(f"reports in {out}/ (report.json, report.md, plots)")
     if report.get("interrupted"):

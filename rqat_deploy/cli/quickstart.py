@@ -110,7 +110,7 @@ def run_quickstart(cfg: QuickstartConfig, *, progress: bool = True) -> dict[str,
 
     from rqat_deploy.builtin import synth
     from rqat_deploy.exporters.gguf import export_gguf
-    from rqat_deploy.serve.bench import run_bench
+    from rqat_deploy.serve.bench import BenchConfig, run_bench
     from rqat_deploy.files import atomic_write_text
     from rqat_deploy.quant.spec import QuantSpec
     from rqat_deploy.train.run import TrainConfig, run_train
@@ -151,11 +151,11 @@ def run_quickstart(cfg: QuickstartConfig, *, progress: bool = True) -> dict[str,
     _say(progress, f"[quickstart] benchmarking in llama.cpp on {4 * cfg.per_level} held-out problems ...")
     t = time.perf_counter()
     paths = [ggufs[k].path for k in ("teacher", "rtn", "rqat")]
-    report = run_bench(
-        paths, str(heldout), max_tokens=cfg.max_tokens, greedy=True, out_dir=out / "bench", baseline=paths[0],
-        speed=cfg.speed, speed_prompt_tokens=128, speed_tokens=64, n_threads=cfg.threads or 1, hashes=False,
-        progress=progress,
-    )
+    report = run_bench(BenchConfig(
+        models=paths, dataset=str(heldout), max_tokens=cfg.max_tokens, greedy=True, out_dir=out / "bench",
+        baseline=paths[0], speed=cfg.speed, speed_prompt_tokens=128, speed_tokens=64, n_threads=cfg.threads or 1,
+        hashes=False, progress=progress,
+    ))
     seconds["bench"] = round(time.perf_counter() - t, 1)
     seconds["total"] = round(time.perf_counter() - t0, 1)
 

@@ -22,9 +22,11 @@ Equivalence (:func:`is_equiv`) has two backends:
   (math-verify rounds to 6 decimals) and numerals in a base (``52_8``) as strings (it drops the
   subscript).
 
-``"auto"`` (the default) accepts an answer when the fallback or math-verify (when importable) does:
-the fallback catches text answers math-verify cannot parse, math-verify the symbolic equalities
-(``\\sqrt{2}/2`` = ``\\frac{\\sqrt{2}}{2}``) the fallback cannot see.
+``"auto"`` (the default) is math-verify when it is importable and the fallback otherwise
+(:func:`resolve_grader`): one grader decides every verdict, and :class:`GradeResult` names it, so a
+score never depends silently on what is installed. The two differ at the edges: math-verify sees
+symbolic equalities (``\\sqrt{2}/2`` = ``\\frac{\\sqrt{2}}{2}``) the fallback cannot, the fallback
+accepts text answers math-verify does not (``east`` = ``East``).
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ import re
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Callable, Literal
 
 from rqat_deploy.errors import ConfigError
 
 __all__ = [
+    "GRADERS",
     "Backend",
     "GradeResult",
     "extract_answer",
@@ -49,10 +52,13 @@ __all__ = [
     "math_verify_available",
     "math_verify_equiv",
     "normalize_answer",
+    "resolve_grader",
 ]
 
 Backend = Literal["auto", "fallback", "math-verify"]
-_BACKENDS = ("auto", "fallback", "math-verify")
+#: The grading backends ``--grader`` accepts.
+GRADERS: tuple[str, ...] = ("auto", "fallback", "math-verify")
+_MATH_VERIFY_MISSING = "the math-verify grader needs `pip install math-verify` (or the `bench` extra); or grade with fallback"
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
@@ -70,11 +76,13 @@ class GradeResult:
         correct: whether the extracted answer is equivalent to the gold answer.
         extracted: the answer found in the response (None when nothing was found).
         method: how it was found: ``boxed``, ``hash``, ``answer_is``, ``last_number`` or ``none``.
+        grader: the backend that decided ``correct``: ``fallback`` or ``math-verify``.
     """
 
     correct: bool
     extracted: str | None
     method: str
+    grader: str
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,7 +486,7 @@ def math_verify_equiv(pred: str | None, gold: str | None, *, exact_numbers: bool
         ConfigError: when math-verify is not installed.
     """
     if not math_verify_available():
-        raise ConfigError("the math-verify backend needs `pip install math-verify` (or the `bench` extra)")
+        raise ConfigError(_MATH_VERIFY_MISSING)
     if pred is None or gold is None:
         return False
     if exact_numbers:
@@ -502,14 +510,40 @@ def math_verify_equiv(pred: str | None, gold: str | None, *, exact_numbers: bool
 # --------------------------------------------------------------------------------------------------
 
 
+def resolve_grader(backend: str = "auto") -> str:
+    """The backend that grades: ``auto`` is math-verify when importable, else the fallback.
+
+    Args:
+        backend: ``"auto"``, ``"fallback"`` or ``"math-verify"``.
+
+    Returns:
+        ``"fallback"`` or ``"math-verify"``.
+
+    Raises:
+        ConfigError: an unknown backend, or ``"math-verify"`` when it is not installed.
+    """
+    if backend not in GRADERS:
+        raise ConfigError(f"unknown grading backend {backend!r}; choose one of {list(GRADERS)}")
+    if backend == "auto":
+        return "math-verify" if math_verify_available() else "fallback"
+    if backend == "math-verify" and not math_verify_available():
+        raise ConfigError(_MATH_VERIFY_MISSING)
+    return backend
+
+
+def _equiv(grader: str) -> Callable[[str | None, str | None], bool]:
+    """The equivalence function of a resolved grader."""
+    return math_verify_equiv if grader == "math-verify" else fallback_equiv
+
+
 def is_equiv(pred: str | None, gold: str | None, *, backend: Backend = "auto") -> bool:
     """Whether an extracted answer matches the gold answer.
 
     Args:
         pred: extracted answer (None: no answer found).
         gold: gold final answer.
-        backend: ``"auto"`` (fallback or math-verify when importable), ``"fallback"``, or
-            ``"math-verify"``.
+        backend: ``"auto"`` (math-verify when importable, else the fallback: see
+            :func:`resolve_grader`), ``"fallback"``, or ``"math-verify"``.
 
     Returns:
         True when equivalent.
@@ -517,15 +551,7 @@ def is_equiv(pred: str | None, gold: str | None, *, backend: Backend = "auto") -
     Raises:
         ConfigError: on an unknown backend, or ``"math-verify"`` when it is not installed.
     """
-    if backend not in _BACKENDS:
-        raise ConfigError(f"unknown grading backend {backend!r}; choose one of {list(_BACKENDS)}")
-    if backend == "fallback":
-        return fallback_equiv(pred, gold)
-    if backend == "math-verify":
-        return math_verify_equiv(pred, gold)
-    if fallback_equiv(pred, gold):
-        return True
-    return math_verify_available() and math_verify_equiv(pred, gold)
+    return _equiv(resolve_grader(backend))(pred, gold)
 
 
 def grade_response(response: str, gold: str | None, *, backend: Backend = "auto") -> GradeResult:
@@ -537,10 +563,11 @@ def grade_response(response: str, gold: str | None, *, backend: Backend = "auto"
         backend: see :func:`is_equiv`.
 
     Returns:
-        The :class:`GradeResult`.
+        The :class:`GradeResult`, naming the grader that decided.
 
     Raises:
         ConfigError: as :func:`is_equiv`.
     """
+    grader = resolve_grader(backend)
     extracted, method = extract_answer(response)
-    return GradeResult(is_equiv(extracted, gold, backend=backend), extracted, method)
+    return GradeResult(_equiv(grader)(extracted, gold), extracted, method, grader)

@@ -1,0 +1,190 @@
+"""The llama.cpp runtime: GGUF files through llama-cpp-python (DESIGN.md 7 for its API facts).
+
+Sampling, stopping, counting and timing follow :mod:`rqat_deploy.serve.runtimes`; prefill and decode
+speeds come from llama.cpp's own timers (``llama_perf_context``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from rqat_deploy.errors import ConfigError, ModelLoadError
+from rqat_deploy.serve.runtimes import Generation, Runtime, SamplingParams, import_backend, token_rate
+
+__all__ = ["LlamaCppRuntime"]
+
+
+class LlamaCppRuntime(Runtime):
+    """GGUF files through llama-cpp-python.
+
+    The context is created lazily, as large as the longest request needs (rounded up to 256, at
+    most the model's training context), and re-created when a longer one comes.
+    """
+
+    name = "llama.cpp"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        enable_thinking: bool = True,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        n_batch: int = 512,
+        f32_kv_cache: bool = False,
+        n_ctx: int | None = None,
+    ) -> None:
+        super().__init__(model_path, enable_thinking=enable_thinking)
+        # Beside PyTorch, llama.cpp's OpenMP workers spin-wait for seconds per call unless passive.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        llama_cpp = import_backend(
+            "llama_cpp", "the llama.cpp runtime needs llama-cpp-python: `pip install llama-cpp-python` (or the `llamacpp` extra)"
+        )
+        if not Path(model_path).is_file():
+            raise ModelLoadError(f"GGUF file {model_path!r} does not exist")
+        self._lib = llama_cpp
+        self.n_threads = n_threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+        self.n_gpu_layers = n_gpu_layers
+        self.n_batch = n_batch
+        self.f32_kv_cache = f32_kv_cache
+        self._fixed_ctx = n_ctx
+        try:
+            self._vocab_llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+        except Exception as exc:
+            raise ModelLoadError(f"llama.cpp cannot load {model_path!r}: {exc}") from exc
+        meta = self._vocab_llm.metadata
+        arch = meta.get("general.architecture", "")
+        self.n_ctx_train = int(meta.get(f"{arch}.context_length", 0) or 0) or None
+        self.chat_template = meta.get("tokenizer.chat_template")
+        self.special_tokens = {
+            "bos_token": self._token_text(meta.get("tokenizer.ggml.bos_token_id")),
+            "eos_token": self._token_text(meta.get("tokenizer.ggml.eos_token_id")),
+            "pad_token": self._token_text(meta.get("tokenizer.ggml.padding_token_id")),
+        }
+        self.think_ids = self._find_think_ids()
+        self._llm: Any = None
+        self._ctx_size = 0
+
+    def _token_text(self, token_id: Any) -> str | None:
+        if token_id is None:
+            return None
+        try:
+            return self._vocab_llm._model.token_get_text(int(token_id))
+        except Exception:
+            return None
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def _ensure_context(self, needed: int) -> Any:
+        size = self._fixed_ctx or max(512, -(-needed // 256) * 256)
+        if self.n_ctx_train and not self._fixed_ctx:
+            size = min(size, self.n_ctx_train)
+        if self._llm is not None and self._ctx_size >= size:
+            return self._llm
+        if self._llm is not None:
+            self._llm.close()
+        kwargs: dict[str, Any] = {}
+        if self.f32_kv_cache:
+            kwargs["type_k"] = kwargs["type_v"] = self._lib.GGML_TYPE_F32
+        self._llm = self._lib.Llama(
+            model_path=self.model_path,
+            n_ctx=size,
+            n_batch=self.n_batch,
+            n_threads=self.n_threads,
+            n_threads_batch=self.n_threads,
+            n_gpu_layers=self.n_gpu_layers,
+            verbose=False,
+            **kwargs,
+        )
+        self._ctx_size = size
+        return self._llm
+
+    def _is_eog(self, llm: Any, token: int) -> bool:
+        try:
+            return bool(self._lib.llama_vocab_is_eog(llm._model.vocab, token))
+        except Exception:
+            return token == llm.token_eos()
+
+    def _generate_one(
+        self, prompt_ids: list[int], sampling: SamplingParams, seed: int, *, ignore_eos: bool = False
+    ) -> Generation:
+        llm = self._ensure_context(len(prompt_ids) + sampling.max_tokens)
+        max_new = min(sampling.max_tokens, self._ctx_size - len(prompt_ids))
+        if max_new < 1:
+            raise ConfigError(
+                f"the prompt ({len(prompt_ids)} tokens) fills the model's context ({self._ctx_size}); shorten it"
+            )
+        llm.reset()
+        llm.set_seed(seed)
+        ctx = llm._ctx.ctx
+        self._lib.llama_perf_context_reset(ctx)
+        temp = 0.0 if sampling.greedy else sampling.temperature
+        ids: list[int] = []
+        finish = "length"
+        t0 = time.perf_counter()
+        ttft = None
+        for token in llm.generate(
+            prompt_ids, top_k=sampling.top_k, top_p=sampling.top_p, min_p=0.0, typical_p=1.0, temp=temp,
+            repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, reset=True,
+        ):
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            if not ignore_eos and self._is_eog(llm, token):
+                finish = "stop"
+                break
+            ids.append(int(token))
+            if len(ids) >= max_new:
+                break
+        total = time.perf_counter() - t0
+        perf = self._lib.llama_perf_context(ctx)
+        text = llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
+        return Generation(
+            text=text,
+            token_ids=ids,
+            n_prompt_tokens=len(prompt_ids),
+            n_completion_tokens=len(ids),
+            finish_reason=finish,
+            ttft_s=ttft,
+            total_s=total,
+            prefill_tokens_per_s=token_rate(perf.n_p_eval, perf.t_p_eval_ms / 1000.0),
+            decode_tokens_per_s=token_rate(perf.n_eval, perf.t_eval_ms / 1000.0),
+        )
+
+    def logits(self, prompt_ids: Sequence[int]) -> Any:
+        """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy), for agreement tests."""
+        import numpy as np
+
+        llm = self._lib.Llama(
+            model_path=self.model_path, n_ctx=max(512, len(prompt_ids)), logits_all=True,
+            n_threads=self.n_threads, verbose=False,
+            **({"type_k": self._lib.GGML_TYPE_F32, "type_v": self._lib.GGML_TYPE_F32} if self.f32_kv_cache else {}),
+        )
+        try:
+            llm.eval(list(prompt_ids))
+            return np.array(llm.scores[: len(prompt_ids)], dtype=np.float32)
+        finally:
+            llm.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "runtime": self.name,
+            "device": "gpu" if self.n_gpu_layers else "cpu",
+            "n_threads": self.n_threads,
+            "n_gpu_layers": self.n_gpu_layers,
+            "n_batch": self.n_batch,
+            "kv_cache": "f32" if self.f32_kv_cache else "f16",
+            "n_ctx": self._ctx_size or None,
+            "n_ctx_train": self.n_ctx_train,
+            **self._prompt_info(),
+            "system_info": self._lib.llama_print_system_info().decode("utf-8", errors="replace").strip(),
+        }
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+        self._vocab_llm.close()
