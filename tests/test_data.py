@@ -16,7 +16,7 @@ import torch
 from rqat_deploy.data.calib import DEFAULT_CALIB_SPEC, build_calibration
 from rqat_deploy.data.records import FieldMap
 from rqat_deploy.data.sft import IGNORE_INDEX, build_sft
-from rqat_deploy.data.spec import Source, allocate, parse_spec
+from rqat_deploy.data.spec import allocate, parse_spec
 from rqat_deploy.errors import DataError
 
 COT = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_cot_100.jsonl"
@@ -135,13 +135,11 @@ def test_train_and_bench_resolve_the_same_sources(tmp_path: Path, monkeypatch: p
     """One grammar: a SPEC names the same sources for training (--calib / --train-data) and bench (--dataset)."""
     from rqat_deploy.builtin import synth
     from rqat_deploy.data.evalset import eval_sources
-    from rqat_deploy.data.mixing import plan
+    from rqat_deploy.data.mixing import train_sources
     from rqat_deploy.data.spec import EVAL_SPLIT, TRAIN_SPLIT
     from rqat_deploy.train.run import TrainConfig
 
-    def train(spec: str) -> list[Source]:
-        return plan(spec, 1, 2, None)[1]  # what build_calibration / build_sft read
-
+    train = train_sources  # what build_calibration / build_sft read
     monkeypatch.chdir(tmp_path)
     _spec_files(tmp_path)
     explicit = [

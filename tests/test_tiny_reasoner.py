@@ -60,7 +60,8 @@ def test_asset_tokenizer_matches_the_tiny_conventions(asset: Path) -> None:
 def test_shipped_tokenizer_rebuilds_byte_for_byte(asset: Path, meta: dict, tmp_path: Path) -> None:
     """The one tokenizer builder (rqat_deploy.builtin.tiny) reproduces the shipped teacher's files (~6 s)."""
     if synth.general_text_source() != meta["general_text_source"]:
-        pytest.skip(f"the general text is {synth.general_text_source()}, the asset was built on {meta['general_text_source']}")
+        built_on = meta["general_text_source"]
+        pytest.skip(f"the general text is {synth.general_text_source()}, the asset was built on {built_on}")
     cfg = BuildConfig()  # the build's defaults are the shipped model's
     assert {k: meta["config"][k] for k in ("seed", "vocab_size", "tokenizer_problems")} == {
         "seed": cfg.seed, "vocab_size": cfg.vocab_size, "tokenizer_problems": cfg.tokenizer_problems}

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from rqat_deploy.data.mixing import SourceStats, permutation, plan, rendered_batches, shortfall
+from rqat_deploy.data.mixing import SourceStats, permutation, rendered_batches, report, sample_sources, shortfall
 from rqat_deploy.data.records import FieldMap
 from rqat_deploy.data.spec import Source
 
@@ -109,21 +109,10 @@ def build_calibration(
         DataError: a bad spec, an unloadable source, a record without any expected field (naming
             the fields found), or a source that yields too few sequences.
     """
-    fmap, sources, counts = plan(spec, n_samples, seq_len, fields)
-    rows: list[torch.Tensor] = []
-    stats = []
-    for source, want in zip(sources, counts):
-        chunks, st = _pack_source(tokenizer, source, want, seq_len, seed, fmap, streaming)
-        rows.extend(chunks)
-        stats.append(st)
+    rows, stats = sample_sources(
+        spec, n_samples, seq_len, fields,
+        lambda source, want, fmap: _pack_source(tokenizer, source, want, seq_len, seed, fmap, streaming),
+    )
     input_ids = torch.stack([rows[i] for i in permutation(len(rows), seed)])  # [N, L]
-    total_w = sum(s.weight for s in sources)
-    report = {
-        "spec": spec,
-        "seed": seed,
-        "n_samples": n_samples,
-        "seq_len": seq_len,
-        "total_tokens": int(input_ids.numel()),
-        "sources": [st.to_dict(total_w, n_samples, int(input_ids.numel())) for st in stats],
-    }
-    return CalibSet(input_ids=input_ids, report=report)
+    data_report = report(spec, seed, n_samples, seq_len, int(input_ids.numel()), stats)
+    return CalibSet(input_ids=input_ids, report=data_report)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from rqat_deploy.data.chat import Rendered
 from rqat_deploy.data.records import FieldMap, UnusableRecord, record_kind, render_record
@@ -26,11 +26,15 @@ __all__ = [
     "TOKENIZE_BATCH",
     "SourceStats",
     "permutation",
-    "plan",
     "rendered_batches",
     "rendered_stream",
+    "report",
+    "sample_sources",
     "shortfall",
+    "train_sources",
 ]
+
+T = TypeVar("T")
 
 #: Records rendered and tokenized per tokenizer call.
 TOKENIZE_BATCH = 64
@@ -127,20 +131,59 @@ def shortfall(stats: SourceStats, want: int, what: str) -> DataError:
     )
 
 
-def plan(
-    spec: str, n_samples: int, seq_len: int, fields: FieldMap | str | Mapping[str, Any] | None
-) -> tuple[FieldMap, list[Source], list[int]]:
-    """Check the sizes and parse what a data set is built from.
+def train_sources(spec: str) -> list[Source]:
+    """Parse a training SPEC: :func:`rqat_deploy.data.spec.parse_spec` with the ``train`` default split."""
+    return parse_spec(spec, TRAIN_SPLIT)
+
+
+def sample_sources(
+    spec: str,
+    n_samples: int,
+    seq_len: int,
+    fields: FieldMap | str | Mapping[str, Any] | None,
+    take: Callable[[Source, int, FieldMap], tuple[list[T], SourceStats]],
+) -> tuple[list[T], list[SourceStats]]:
+    """Check the sizes, parse the SPEC (training's default split) and take each source's share.
+
+    Args:
+        spec: the data SPEC.
+        n_samples: samples in all, shared by weight (:func:`rqat_deploy.data.spec.allocate`).
+        seq_len: tokens per sample (checked here).
+        fields: the record field map (:meth:`FieldMap.parse`).
+        take: ``(source, count, field map) -> (samples, stats)`` of one source.
 
     Returns:
-        The field map, the SPEC's sources (training's default split) and each source's sample count.
+        Every source's samples, source after source, and each source's stats.
 
     Raises:
-        DataError: a bad size, field map or SPEC.
+        DataError: a bad size, field map or SPEC, or what ``take`` raises.
     """
     _check_sizes(n_samples, seq_len)
-    sources = parse_spec(spec, TRAIN_SPLIT)
-    return FieldMap.parse(fields), sources, allocate([s.weight for s in sources], n_samples)
+    fmap = FieldMap.parse(fields)
+    sources = train_sources(spec)
+    samples: list[T] = []
+    stats: list[SourceStats] = []
+    for source, want in zip(sources, allocate([s.weight for s in sources], n_samples)):
+        part, st = take(source, want, fmap)
+        samples.extend(part)
+        stats.append(st)
+    return samples, stats
+
+
+def report(
+    spec: str, seed: int, n_samples: int, seq_len: int, total_tokens: int, stats: list[SourceStats], **extra: Any
+) -> dict[str, Any]:
+    """The data report: the request, ``total_tokens``, ``extra`` totals and one entry per source."""
+    total_w = sum(st.source.weight for st in stats)
+    return {
+        "spec": spec,
+        "seed": seed,
+        "n_samples": n_samples,
+        "seq_len": seq_len,
+        "total_tokens": total_tokens,
+        **extra,
+        "sources": [st.to_dict(total_w, n_samples, total_tokens) for st in stats],
+    }
 
 
 def _check_sizes(n_samples: int, seq_len: int) -> None:

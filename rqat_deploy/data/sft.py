@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from rqat_deploy.data.chat import Rendered
-from rqat_deploy.data.mixing import SourceStats, permutation, plan, rendered_batches, shortfall
+from rqat_deploy.data.mixing import SourceStats, permutation, rendered_batches, report, sample_sources, shortfall
 from rqat_deploy.data.records import FieldMap
 from rqat_deploy.data.spec import Source
 from rqat_deploy.errors import DataError
@@ -83,13 +83,13 @@ class SFTSet:
 
 def _sft_source(
     tokenizer: Any, source: Source, want: int, seq_len: int, seed: int, fields: FieldMap, streaming: bool | None
-) -> tuple[list[tuple[torch.Tensor, int]], SourceStats, int | None]:
-    """Tokenized ``(ids, first completion index)`` samples of one source, and the shortest prompt that did not fit."""
+) -> tuple[list[tuple[torch.Tensor, int]], SourceStats]:
+    """Tokenized ``(ids, first completion index)`` samples of one source, and its stats."""
     stats = SourceStats(source)
     samples: list[tuple[torch.Tensor, int]] = []
     shortest_unfit: int | None = None
     if want == 0:
-        return samples, stats, None
+        return samples, stats
     for batch in rendered_batches(tokenizer, source, seed, fields, streaming, stats):
         ids_list, starts = _tokenize_with_split(tokenizer, batch)
         for ids, start in zip(ids_list, starts):
@@ -119,7 +119,7 @@ def _sft_source(
                 "tokens): raise the sequence length"
             )
         raise shortfall(stats, want, hint)
-    return samples, stats, shortest_unfit
+    return samples, stats
 
 
 def _tokenize_with_split(tokenizer: Any, batch: list[Rendered]) -> tuple[list[list[int]], list[int]]:
@@ -173,13 +173,10 @@ def build_sft(
             the fields found), a source that yields too few samples, or a sequence length too short
             to keep any completion token.
     """
-    fmap, sources, counts = plan(spec, n_samples, seq_len, fields)
-    samples: list[tuple[torch.Tensor, int]] = []
-    stats = []
-    for source, want in zip(sources, counts):
-        part, st, _ = _sft_source(tokenizer, source, want, seq_len, seed, fmap, streaming)
-        samples.extend(part)
-        stats.append(st)
+    samples, stats = sample_sources(
+        spec, n_samples, seq_len, fields,
+        lambda source, want, fmap: _sft_source(tokenizer, source, want, seq_len, seed, fmap, streaming),
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a pad nor an EOS token to pad samples with")
@@ -193,16 +190,9 @@ def build_sft(
         input_ids[row, : len(ids)] = ids
         labels[row, start : len(ids)] = ids[start:]
         mask[row, : len(ids)] = 1
-    total_tokens = int(mask.sum())
-    total_w = sum(s.weight for s in sources)
-    report = {
-        "spec": spec,
-        "seed": seed,
-        "n_samples": n_samples,
-        "seq_len": seq_len,
-        "total_tokens": total_tokens,
-        "completion_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
-        "truncated": sum(st.truncated for st in stats),
-        "sources": [st.to_dict(total_w, n_samples, total_tokens) for st in stats],
-    }
-    return SFTSet(input_ids=input_ids, attention_mask=mask, labels=labels, report=report)
+    data_report = report(
+        spec, seed, n_samples, seq_len, int(mask.sum()), stats,
+        completion_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        truncated=sum(st.truncated for st in stats),
+    )
+    return SFTSet(input_ids=input_ids, attention_mask=mask, labels=labels, report=data_report)

@@ -81,10 +81,17 @@ def _load_error(source: Source, exc: Exception) -> DataError:
         where = f"the dataset directory {source.location}"
     else:
         where = "its local files: check that they are valid " + source.kind
-    return DataError(
-        f"could not load dataset {source.name!r} from {where}{_old_form_hint(source)}. "
-        f"Cause: {type(exc).__name__}: {exc}"
-    )
+    hint = _old_form_hint(source)
+    return DataError(f"could not load dataset {source.name!r} from {where}{hint}. Cause: {_cause(exc)}")
+
+
+def _cause(exc: BaseException) -> str:
+    """``exc`` and what it wraps (``datasets`` wraps a parse error in a generic DatasetGenerationError)."""
+    causes = [f"{type(exc).__name__}: {exc}"]
+    while exc.__cause__ is not None and len(causes) < 3:
+        exc = exc.__cause__
+        causes.append(f"{type(exc).__name__}: {exc}")
+    return " <- ".join(causes)
 
 
 def open_source(
@@ -123,7 +130,7 @@ def _records(ds: Any, source: Source) -> Iterator[dict[str, Any]]:
         except StopIteration:
             return
         except Exception as e:  # noqa: BLE001 - network or parse errors while streaming
-            raise DataError(f"reading dataset {source.name!r} failed: {type(e).__name__}: {e}") from e
+            raise DataError(f"reading dataset {source.name!r} failed: {_cause(e)}") from e
         yield record
 
 
