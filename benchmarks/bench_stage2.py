@@ -50,7 +50,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from rqat_deploy.quant.checkpoint import load_model
-    from rqat_deploy.data.training import build_sft
+    from rqat_deploy.data.sft import build_sft
     from rqat_deploy.models import load_hf_model
     from rqat_deploy.train.stage2 import Stage2Config, run_stage2
     from rqat_deploy.train.teacher import CachedTeacher, LiveTeacher

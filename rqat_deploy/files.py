@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from rqat_deploy.errors import OutputExistsError
 
@@ -36,12 +36,20 @@ __all__ = [
 ]
 
 
-def is_local_path(name: str) -> bool:
+def is_local_path(name: str, suffixes: Iterable[str] = ()) -> bool:
     """Whether ``name`` names a local path rather than a Hub id (``org/name``).
 
-    Local: it exists, starts with ``.``, ``/`` or ``~``, or has more than one ``/``.
+    Local: it exists, starts with ``.``, ``/`` or ``~``, has more than one ``/``, or ends with one
+    of ``suffixes`` (case-insensitive). Data SPECs pass their file suffixes (``.jsonl``,
+    ``.parquet``...), so a missing ``data/x.jsonl`` is reported as a missing file, not looked up on
+    the Hub: no Hub id ends with a data-file suffix.
     """
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
+    return (
+        name.startswith((".", "/", "~"))
+        or Path(name).expanduser().exists()
+        or name.count("/") > 1
+        or name.lower().endswith(tuple(suffixes))
+    )
 
 
 def check_output(out: str | os.PathLike[str], force: bool) -> Path:

@@ -7,20 +7,16 @@ chain-of-thought samples in ``../shared/data/math_cot_100.jsonl``.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from rqat_deploy.data.training import (
-    DEFAULT_CALIB_SPEC,
-    IGNORE_INDEX,
-    FieldMap,
-    allocate,
-    build_calibration,
-    build_sft,
-    parse_spec,
-)
+from rqat_deploy.data.calib import DEFAULT_CALIB_SPEC, build_calibration
+from rqat_deploy.data.records import FieldMap
+from rqat_deploy.data.sft import IGNORE_INDEX, build_sft
+from rqat_deploy.data.spec import allocate, parse_spec
 from rqat_deploy.errors import DataError
 
 COT = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_cot_100.jsonl"
@@ -110,7 +106,9 @@ def test_parse_spec_weights_hub_ids_and_local_files(files: dict[str, Path]) -> N
         ("a/b:0", "positive"),
         ("a/b:-1", "positive"),
         ("/nonexistent/file.jsonl", "does not exist"),
+        ("sub/missing.jsonl", "does not exist"),  # a data-file suffix is local, never a Hub id
         ("justaname", "neither"),
+        ("builtin", "resolve_spec"),  # the command expands the word before parsing
     ],
 )
 def test_parse_spec_errors(spec: str, match: str) -> None:
@@ -121,6 +119,74 @@ def test_parse_spec_errors(spec: str, match: str) -> None:
 def test_directory_with_mixed_formats_is_rejected(files: dict[str, Path]) -> None:
     with pytest.raises(DataError, match="mixes file formats"):
         parse_spec(str(files["sharegpt"].parent))
+
+
+def _spec_files(root: Path) -> None:
+    """a.jsonl, b.parquet, c.txt and a dataset directory set/ with train and test splits, under ``root``."""
+    _write_jsonl(root / "a.jsonl", [{"text": "alpha"}])
+    (root / "b.parquet").write_bytes(b"")
+    (root / "c.txt").write_text("gamma\n")
+    (root / "set").mkdir()
+    _write_jsonl(root / "set" / "train.jsonl", [{"text": f"train {i}"} for i in range(3)])
+    _write_jsonl(root / "set" / "test.jsonl", [{"text": "test 0"}])
+
+
+def test_train_and_bench_resolve_the_same_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One grammar: a SPEC names the same sources for training (--calib / --train-data) and bench (--dataset)."""
+    from rqat_deploy.builtin import synth
+    from rqat_deploy.data.evalset import eval_sources
+    from rqat_deploy.data.mixing import train_sources
+    from rqat_deploy.data.spec import EVAL_SPLIT, TRAIN_SPLIT
+    from rqat_deploy.train.run import TrainConfig
+
+    train = train_sources  # what build_calibration / build_sft read
+    monkeypatch.chdir(tmp_path)
+    _spec_files(tmp_path)
+    explicit = [
+        "a.jsonl:3,./b.parquet:0.5,c.txt",
+        f"{tmp_path / 'a.jsonl'}:2,{tmp_path / 'set'}@test",
+        "openai/gsm8k#main@test:2,org/name@validation,set#default@train",
+        "gsm8k@train,math500@test:0.5,AIME24@train",
+    ]
+    for spec in explicit:
+        assert train(spec) == eval_sources(spec), spec
+    # Without '@split' the parsed form says which default split each command reads; nothing else differs.
+    for spec in ["org/name#cfg", "gsm8k:2", "set", "aime24,a.jsonl"]:
+        t, b = train(spec), eval_sources(spec)
+        assert [replace(s, split=None) for s in t] == [replace(s, split=None) for s in b], spec
+        datasets_ = [(x.split, y.split) for x, y in zip(t, b) if x.kind == "hub" or x.directory]
+        assert datasets_ and set(datasets_) == {(TRAIN_SPLIT, EVAL_SPLIT)}, spec
+    # aliases expand to the parsed form of their Hub id
+    strip = lambda sources: [replace(s, name="") for s in sources]  # noqa: E731
+    assert strip(train("gsm8k,math500@test")) == strip(train("openai/gsm8k#main,HuggingFaceH4/MATH-500@test"))
+    gsm = train("gsm8k:2")[0]
+    assert (gsm.location, gsm.config, gsm.weight) == ("openai/gsm8k", "main", 2.0)
+    # 'builtin': each command expands the word to its built-in files, which then parse alike
+    monkeypatch.setenv("RQAT_DEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(synth.DEFAULT_DATA_SIZES, "reasoning", 30)
+    monkeypatch.setitem(synth.DEFAULT_DATA_SIZES, "eval_per_level", 3)
+    for kind in ("calib", "train", "eval"):
+        spec = synth.resolve_spec("builtin", kind)
+        assert train(spec) == eval_sources(spec) and {s.kind for s in train(spec)} == {"json"}, kind
+    cfg = TrainConfig(out="o", model="m", calib="builtin", train_data="builtin")
+    assert [s.weight for s in train(cfg.calib_spec())] == [0.8, 0.2]
+    assert train(cfg.train_spec()) == eval_sources(synth.resolve_spec("builtin", "train"))
+
+
+def test_dataset_directory_reads_the_commands_split(tmp_path: Path) -> None:
+    """A dataset directory is read like a Hub dataset: training takes `train`, bench `test`, '@' picks one."""
+    from rqat_deploy.data.evalset import load_rows
+    from rqat_deploy.data.sources import iter_records
+
+    _spec_files(tmp_path)
+    folder = str(tmp_path / "set")
+    assert sorted(r["text"] for r in iter_records(parse_spec(folder)[0], seed=0)) == ["train 0", "train 1", "train 2"]
+    assert [r["text"] for r in iter_records(parse_spec(f"{folder}@test")[0], seed=0)] == ["test 0"]
+    assert [r["text"] for r in load_rows(folder)] == ["test 0"]
+    with pytest.raises(DataError, match=r"splits \['train', 'test'\]|splits \['test', 'train'\]"):
+        list(iter_records(parse_spec(f"{folder}@validation")[0], seed=0))
+    with pytest.raises(DataError, match="no configurations or splits"):
+        parse_spec(f"{tmp_path / 'a.jsonl'}@train")
 
 
 def test_allocate_is_proportional_and_exact() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from rqat_deploy.errors import ConfigError, DataError
 from rqat_deploy.serve.bench import BenchConfig, run_bench
-from rqat_deploy.data.evalset import detect_fields, gold_final_answer, load_eval_set, load_rows, parse_spec
+from rqat_deploy.data.evalset import detect_fields, eval_sources, gold_final_answer, load_eval_set, load_rows
 from rqat_deploy.data import grading
 from rqat_deploy.data.grading import (
     extract_answer,
@@ -38,12 +38,17 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def test_parse_spec() -> None:
-    specs = parse_spec("a.jsonl:3, openai/gsm8k@main ,b.parquet:0.5")
-    assert [(s.source, s.weight) for s in specs] == [("a.jsonl", 3.0), ("openai/gsm8k@main", 1.0), ("b.parquet", 0.5)]
+def test_parse_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # local files must exist: the one SPEC grammar checks them when parsing
+    for name in ("a.jsonl", "b.jsonl", "b.parquet"):
+        (tmp_path / name).write_text("")
+    specs = eval_sources("a.jsonl:3, openai/gsm8k@main ,b.parquet:0.5")
+    assert [(s.name, s.weight) for s in specs] == [("a.jsonl", 3.0), ("openai/gsm8k@main", 1.0), ("b.parquet", 0.5)]
+    # '@' names a split (the configuration is '#main'), as in training SPECs
+    assert (specs[1].location, specs[1].config, specs[1].split) == ("openai/gsm8k", None, "main")
     for bad in ["", "a.jsonl,,b.jsonl", "a.jsonl:0"]:
         with pytest.raises(DataError):
-            parse_spec(bad)
+            eval_sources(bad)
 
 
 def test_detect_fields() -> None:
@@ -109,6 +114,37 @@ def test_directory_goes_through_datasets_load_dataset(tmp_path: Path) -> None:
         load_rows(str(folder), split="validation")
     with pytest.raises(DataError, match="cannot load dataset"):
         load_rows(str(tmp_path / "no_such_dataset_dir"))
+
+
+CONFIGS_CARD = """---
+configs:
+- config_name: main
+  data_files:
+  - split: test
+    path: main/test.jsonl
+- config_name: socratic
+  data_files:
+  - split: test
+    path: socratic/test.jsonl
+---
+"""
+
+
+def test_config_is_written_with_hash_and_the_old_at_form_names_it(tmp_path: Path) -> None:
+    # A dataset with configs (a local snapshot: configs in README.md) is read as 'name#config[@split]';
+    # the old bench spelling 'name@config' now names a split and fails naming 'name#config'.
+    pytest.importorskip("datasets")
+    folder = tmp_path / "cfgset"
+    for config, question in (("main", "m"), ("socratic", "s")):
+        (folder / config).mkdir(parents=True)
+        _write_jsonl(folder / config / "test.jsonl", [{"question": question, "answer": "1"}])
+    (folder / "README.md").write_text(CONFIGS_CARD)
+    assert [r["question"] for r in load_rows(f"{folder}#main")] == ["m"]
+    assert [e.question for e in load_eval_set(f"{folder}#socratic@test")] == ["s"]
+    with pytest.raises(DataError, match=re.escape(f"write '{folder}#main'")):
+        load_rows(f"{folder}@main")
+    with pytest.raises(DataError, match=re.escape("write 'openai/gsm8k#main'")):  # offline: the Hub id fails too
+        load_eval_set("openai/gsm8k@main")
 
 
 @needs_data

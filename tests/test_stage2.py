@@ -29,7 +29,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def env(tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from rqat_deploy.data.training import build_sft
+    from rqat_deploy.data.sft import build_sft
     from rqat_deploy.models import load_hf_model
     from rqat_deploy.train.run import quantize_rtn
 

@@ -42,7 +42,7 @@ def _stage2_config():
 def _data(model_dir: Path, conv: Path):
     from transformers import AutoTokenizer
 
-    from rqat_deploy.data.training import build_sft
+    from rqat_deploy.data.sft import build_sft
 
     return build_sft(AutoTokenizer.from_pretrained(str(model_dir)), str(conv), N_SAMPLES, SEQ_LEN, seed=0)
 

@@ -159,8 +159,9 @@ def test_text_writer_rejects_too_many(tmp_path: Path) -> None:
 
 
 def test_jsonl_files_load_through_the_package(tmp_path: Path) -> None:
-    """The chat and text records are what rqat_deploy.data.training reads; the eval file what bench reads."""
-    from rqat_deploy.data.training import build_calibration, build_sft
+    """The chat and text records are what training data (calib, sft) reads; the eval file what bench reads."""
+    from rqat_deploy.data.calib import build_calibration
+    from rqat_deploy.data.sft import build_sft
     from rqat_deploy.data.evalset import load_eval_set
     from rqat_deploy.builtin.tiny import build_tokenizer
 

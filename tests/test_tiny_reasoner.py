@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rqat_deploy.builtin import synth
 from rqat_deploy.errors import ConfigError, OutputExistsError
 from rqat_deploy.builtin.tiny import CHAT_TEMPLATE
-from rqat_deploy.builtin.tiny_reasoner import BuildConfig, build, evaluate
+from rqat_deploy.builtin.tiny_reasoner import BuildConfig, build, evaluate, teacher_tokenizer
 
 ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -54,6 +54,21 @@ def test_asset_tokenizer_matches_the_tiny_conventions(asset: Path) -> None:
     text = "Compute 12 + 7 * 3.\n<think>\n7 * 3 = 21.\n</think>\n\nThe answer is \\boxed{33}."
     assert tok.decode(tok.encode(text)) == text
     assert all(len(tok.encode(d)) == 1 for d in "0123456789")  # one token per digit (Qwen's regex)
+
+
+@pytest.mark.slow
+def test_shipped_tokenizer_rebuilds_byte_for_byte(asset: Path, meta: dict, tmp_path: Path) -> None:
+    """The one tokenizer builder (rqat_deploy.builtin.tiny) reproduces the shipped teacher's files (~6 s)."""
+    if synth.general_text_source() != meta["general_text_source"]:
+        built_on = meta["general_text_source"]
+        pytest.skip(f"the general text is {synth.general_text_source()}, the asset was built on {built_on}")
+    cfg = BuildConfig()  # the build's defaults are the shipped model's
+    assert {k: meta["config"][k] for k in ("seed", "vocab_size", "tokenizer_problems")} == {
+        "seed": cfg.seed, "vocab_size": cfg.vocab_size, "tokenizer_problems": cfg.tokenizer_problems}
+    assert tuple(meta["config"]["levels"]) == cfg.levels
+    teacher_tokenizer(tmp_path, cfg, synth.general_texts())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (asset / name).read_bytes(), name
 
 
 def test_metadata_records_the_build(meta: dict) -> None:

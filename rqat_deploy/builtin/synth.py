@@ -26,7 +26,7 @@ doctest examples and code-like lines removed. The text therefore depends on the 
 when the standard library sources are missing it falls back to generated English sentences.
 
 Writers produce the formats the rest of the package reads: ``messages`` chat records and ``text``
-records for :mod:`rqat_deploy.data.training` (``--calib`` / ``--train-data``), and ``question`` /
+records for :mod:`rqat_deploy.data.records` (``--calib`` / ``--train-data``), and ``question`` /
 ``answer`` records for :mod:`rqat_deploy.data.evalset` (``rqat-deploy bench --dataset``).
 """
 
@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
+from rqat_deploy.data.spec import BUILTIN
 from rqat_deploy.errors import ConfigError, DataError
 from rqat_deploy.files import staged_file
 
@@ -592,7 +593,7 @@ def write_reasoning_jsonl(
 ) -> Path:
     """Write ``n`` reasoning problems as chat records (``{"messages": [...], "level", "family", "answer"}``).
 
-    The records are what :mod:`rqat_deploy.data.training` reads as OpenAI-style conversations: a user turn
+    The records are what :mod:`rqat_deploy.data.records` reads as OpenAI-style conversations: a user turn
     (question + instruction) and an assistant turn with the inline ``<think>`` trace.
 
     Args:
@@ -742,12 +743,12 @@ def default_data(kind: DataKind, out_dir: str | Path | None = None) -> str:
     return str(reasoning if kind == "train" else heldout)
 
 
-#: The SPEC word that names the built-in data (``--calib builtin``, ``--dataset builtin``...).
-BUILTIN = "builtin"
-
-
 def resolve_spec(spec: str | None, kind: DataKind, default: str | None = None) -> str | None:
     """``spec`` with the word ``builtin`` replaced by :func:`default_data` of ``kind``.
+
+    Commands call this before parsing a SPEC (:func:`rqat_deploy.data.spec.parse_spec`), so the
+    word (:data:`rqat_deploy.data.spec.BUILTIN`) names each command's own built-in data: the
+    calibration mix, the stage-2 traces, the held-out problems.
 
     Args:
         spec: a data SPEC, ``"builtin"``, or None.

@@ -3,9 +3,10 @@
 Everything here is built locally, without the Hub, so tests can exercise the real loading, training
 and export code paths on models that take milliseconds to run:
 
-- :func:`build_tokenizer` trains a byte-level BPE with the ``tokenizers`` library on a synthetic
-  corpus generated in code (arithmetic with step-by-step reasoning, ``\\boxed{}`` answers, LaTeX,
-  English sentences). Its pipeline is the one of Qwen2 / Qwen3's ``tokenizer.json`` (NFC,
+- :func:`build_tokenizer` trains a byte-level BPE with the ``tokenizers`` library
+  (:func:`train_bpe`) on a synthetic corpus generated in code (arithmetic with step-by-step
+  reasoning, ``\\boxed{}`` answers, LaTeX, English sentences); the built-in teacher's tokenizer is
+  the same builder on its own corpus. Its pipeline is the one of Qwen2 / Qwen3's ``tokenizer.json`` (NFC,
   Split(Qwen2 regex, isolated) + ByteLevel(use_regex=False), ByteLevel decoder, no BOS), so that
   llama.cpp, told ``tokenizer.ggml.pre = "qwen2"``, tokenizes exactly like Hugging Face.
 - :func:`build_tiny_model` saves a randomly initialised causal LM (float32 safetensors, tokenizer,
@@ -18,9 +19,10 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from rqat_deploy.errors import ConfigError
 
@@ -37,6 +39,7 @@ __all__ = [
     "build_tiny_model",
     "build_tokenizer",
     "synthetic_corpus",
+    "train_bpe",
 ]
 
 #: Architectures :func:`build_tiny_model` can build.
@@ -193,13 +196,27 @@ def synthetic_corpus(n_docs: int = _CORPUS_DOCS, seed: int = _CORPUS_SEED) -> li
     return [makers[i % len(makers)](rng) for i in range(n_docs)]
 
 
-@functools.lru_cache(maxsize=4)
-def _trained_tokenizer_json(vocab_size: int) -> str:
-    """Train the byte-level BPE once per process and return its ``tokenizer.json`` text."""
+def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
+    """Train the Qwen-style byte-level BPE on ``texts`` and return its ``tokenizer.json`` text.
+
+    The pipeline is Qwen2 / Qwen3's (module docstring). :data:`SPECIAL_TOKENS` and
+    :data:`THINK_TOKENS` are cut out of the texts before training, so they never take part in a
+    merge, and are added after the BPE vocabulary (the last 5 ids), as in Qwen's tokenizer.
+
+    Args:
+        texts: the training corpus (rendered chat text may hold the added tokens).
+        vocab_size: total size, the 5 added tokens included.
+
+    Returns:
+        The serialised tokenizer, exactly as ``tokenizers`` writes it.
+
+    Raises:
+        ConfigError: the corpus yields fewer BPE tokens than ``vocab_size`` needs.
+    """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
     from tokenizers import pre_tokenizers, processors, trainers
 
-    n_added = len(SPECIAL_TOKENS) + len(THINK_TOKENS)
+    added = SPECIAL_TOKENS + THINK_TOKENS
     tok = Tokenizer(models.BPE(dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -214,22 +231,30 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
         add_prefix_space=False, trim_offsets=False, use_regex=False
     )
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - n_added,
+        vocab_size=vocab_size - len(added),
         min_frequency=2,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(synthetic_corpus(), trainer=trainer)
-    if tok.get_vocab_size() != vocab_size - n_added:
+    splitter = re.compile("|".join(re.escape(t) for t in added))
+    pieces = (piece for text in texts for piece in splitter.split(text) if piece)
+    tok.train_from_iterator(pieces, trainer=trainer)
+    if tok.get_vocab_size() != vocab_size - len(added):
         raise ConfigError(
-            f"the synthetic corpus yields only {tok.get_vocab_size()} BPE tokens, fewer than the "
-            f"{vocab_size - n_added} asked for; choose a smaller vocab_size"
+            f"the corpus yields only {tok.get_vocab_size()} BPE tokens, fewer than the "
+            f"{vocab_size - len(added)} asked for; choose a smaller vocab_size"
         )
     # Added after the BPE vocabulary, as in Qwen (ids vocab_size-5 .. vocab_size-1).
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     return tok.to_str()
+
+
+@functools.lru_cache(maxsize=4)
+def _synthetic_tokenizer_json(vocab_size: int) -> str:
+    """:func:`train_bpe` on :func:`synthetic_corpus`, once per process and size."""
+    return train_bpe(synthetic_corpus(), vocab_size)
 
 
 def _tokenizer_config(vocab_size: int) -> dict[str, Any]:
@@ -265,28 +290,32 @@ def _tokenizer_config(vocab_size: int) -> dict[str, Any]:
     }
 
 
-def _write_tokenizer_files(out_dir: Path, vocab_size: int) -> None:
+def _write_tokenizer_files(out_dir: Path, tokenizer_json: str, vocab_size: int) -> None:
     """Write ``tokenizer.json`` (exactly as ``tokenizers`` serialises it) and ``tokenizer_config.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tokenizer.json").write_text(_trained_tokenizer_json(vocab_size), encoding="utf-8")
+    (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     text = json.dumps(_tokenizer_config(vocab_size), indent=2, ensure_ascii=False) + "\n"
     (out_dir / "tokenizer_config.json").write_text(text, encoding="utf-8")
 
 
 def build_tokenizer(
-    out_dir: Path | None = None, vocab_size: int = _VOCAB_SIZE_DEFAULT
+    out_dir: Path | None = None, vocab_size: int = _VOCAB_SIZE_DEFAULT, corpus: Sequence[str] | None = None
 ) -> PreTrainedTokenizerFast:
-    """Build the tiny Qwen-style byte-level BPE tokenizer (deterministic, offline).
+    """Build a Qwen-style byte-level BPE tokenizer (deterministic, offline).
 
-    The files are written first (``tokenizer.json`` straight from ``tokenizers``, a Qwen3-like
-    ``tokenizer_config.json`` with the chat template) and the returned object is loaded from them
-    with ``AutoTokenizer``, so it is exactly what every consumer of a tiny model directory gets.
+    The one builder of the package's tokenizers: the test models' (``corpus=None``: trained on
+    :func:`synthetic_corpus`) and the built-in teacher's (:mod:`rqat_deploy.builtin.tiny_reasoner`
+    passes its rendered problems and general text). The files are written first
+    (``tokenizer.json`` from :func:`train_bpe`, a Qwen3-like ``tokenizer_config.json`` with the chat
+    template) and the returned object is loaded from them with ``AutoTokenizer``, so it is exactly
+    what every consumer of the model directory gets.
 
     Args:
         out_dir: directory to write the two tokenizer files into (created if missing); ``None``
             uses a temporary directory that is removed afterwards.
-        vocab_size: total number of tokens, the 5 added tokens included (512 .. 1152, what the
-            built-in corpus supports).
+        vocab_size: total number of tokens, the 5 added tokens included (512 .. 1152 with the
+            built-in corpus).
+        corpus: the texts to train on; ``None`` = :func:`synthetic_corpus` (cached per process).
 
     Returns:
         A fast tokenizer (``Qwen2Tokenizer`` class, as Qwen3's): eos ``<|im_end|>``, pad
@@ -294,20 +323,22 @@ def build_tokenizer(
         ``len(tokenizer) == vocab_size``, the added tokens taking the last 5 ids.
 
     Raises:
-        ConfigError: ``vocab_size`` outside 512 .. 1152.
+        ConfigError: ``vocab_size`` outside 512 .. 1152 with the built-in corpus, or more than
+            ``corpus`` yields.
     """
-    if not _VOCAB_SIZE_MIN <= vocab_size <= _VOCAB_SIZE_MAX:
+    if corpus is None and not _VOCAB_SIZE_MIN <= vocab_size <= _VOCAB_SIZE_MAX:
         raise ConfigError(
             f"vocab_size={vocab_size} is outside {_VOCAB_SIZE_MIN}..{_VOCAB_SIZE_MAX} (what the built-in "
             f"corpus supports); pick a size in that range"
         )
     from transformers import AutoTokenizer
 
+    tokenizer_json = _synthetic_tokenizer_json(vocab_size) if corpus is None else train_bpe(corpus, vocab_size)
     if out_dir is not None:
-        _write_tokenizer_files(Path(out_dir), vocab_size)
+        _write_tokenizer_files(Path(out_dir), tokenizer_json, vocab_size)
         return AutoTokenizer.from_pretrained(str(out_dir))
     with tempfile.TemporaryDirectory(prefix="rqat-tiny-tok-") as tmp:
-        _write_tokenizer_files(Path(tmp), vocab_size)
+        _write_tokenizer_files(Path(tmp), tokenizer_json, vocab_size)
         return AutoTokenizer.from_pretrained(tmp)
 
 

@@ -34,13 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rqat_deploy.builtin import synth
+from rqat_deploy.builtin.tiny import build_tokenizer
 from rqat_deploy.errors import ConfigError, OutputExistsError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["BuildConfig", "build", "build_tokenizer", "evaluate", "main"]
+__all__ = ["BuildConfig", "build", "evaluate", "main", "teacher_tokenizer"]
 
 IGNORE_INDEX = -100
 
@@ -125,60 +126,25 @@ def _render_plain(problem: synth.Problem) -> str:
     return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{problem.completion}<|im_end|>\n"
 
 
-def build_tokenizer(out_dir: Path, texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train the byte-level BPE on ``texts`` and write ``tokenizer.json`` + ``tokenizer_config.json``.
+def teacher_tokenizer(out_dir: Path, cfg: BuildConfig, docs: Sequence[str]) -> PreTrainedTokenizerFast:
+    """Build the teacher's tokenizer into ``out_dir`` (``tokenizer.json`` + ``tokenizer_config.json``).
 
-    The pipeline, added tokens (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ``<think>``,
-    ``</think>``, the last five ids) and chat template are those of :mod:`rqat_deploy.builtin.tiny`; the
-    added tokens never take part in merges (they are split out of the corpus first).
+    :func:`rqat_deploy.builtin.tiny.build_tokenizer` (the pipeline, added tokens and chat template of
+    the test models) trained on ``cfg.tokenizer_problems`` rendered train-split problems followed by
+    ``docs``, to ``cfg.vocab_size`` tokens.
 
     Args:
         out_dir: directory to write the files into.
-        texts: the training corpus.
-        vocab_size: total size, added tokens included.
+        cfg: the build configuration (``vocab_size``, ``tokenizer_problems``, ``seed``, ``levels``).
+        docs: the general text of the build (:func:`rqat_deploy.builtin.synth.general_texts`).
 
     Returns:
         The tokenizer loaded back with ``AutoTokenizer`` from ``out_dir``.
 
     Raises:
-        ConfigError: the corpus yields fewer merges than ``vocab_size`` needs.
+        ConfigError: the corpus yields fewer merges than ``cfg.vocab_size`` needs.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, processors, trainers
-    from transformers import AutoTokenizer
-
-    from rqat_deploy.builtin.tiny import QWEN2_PRETOKENIZE_REGEX, SPECIAL_TOKENS, THINK_TOKENS, _tokenizer_config
-
-    added = SPECIAL_TOKENS + THINK_TOKENS
-    tok = Tokenizer(models.BPE(dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(added),
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-    )
-    splitter = "|".join(map(lambda t: t.replace("|", r"\|"), added))
-    import re
-
-    pieces = (piece for text in texts for piece in re.split(splitter, text) if piece)
-    tok.train_from_iterator(pieces, trainer=trainer)
-    if tok.get_vocab_size() != vocab_size - len(added):
-        raise ConfigError(f"the corpus yields only {tok.get_vocab_size()} BPE tokens; lower vocab_size")
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
-    config = json.dumps(_tokenizer_config(vocab_size), indent=2, ensure_ascii=False) + "\n"
-    (out_dir / "tokenizer_config.json").write_text(config, encoding="utf-8")
-    return AutoTokenizer.from_pretrained(str(out_dir))
+    return build_tokenizer(out_dir, cfg.vocab_size, corpus=_corpus(cfg, docs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,7 +506,7 @@ def build(
     torch.set_num_threads(cfg.threads)
 
     docs = synth.general_texts()
-    tokenizer = build_tokenizer(out, _corpus(cfg, docs), cfg.vocab_size)
+    tokenizer = teacher_tokenizer(out, cfg, docs)
     log(f"tokenizer: {len(tokenizer)} tokens ({time.time() - t_wall:.0f}s)")
     problems = synth.generate_problems(cfg.steps * cfg.reasoning_rows, split="train", seed=cfg.seed, levels=cfg.levels)
     data = _Data(_tokenize_problems(tokenizer, problems), _pack_text(tokenizer, docs, cfg.text_len))

@@ -1,13 +1,13 @@
 """Evaluation sets: GSM8K, MATH-500, AIME and any question/answer file, local or on the Hub.
 
-An evaluation set is named by a SPEC (DESIGN.md 9): a comma-separated list of ``source[:weight]``.
-A source is
-
-- a local file: ``.jsonl`` / ``.json`` (one JSON object per line, or a JSON list), ``.parquet``,
-  or ``.txt`` (one question per non-empty line, no gold answers: speed runs only);
-- a local directory or a Hub dataset id (``openai/gsm8k``), loaded through
-  :func:`datasets.load_dataset`; a Hub config may follow an ``@`` (``openai/gsm8k@main``);
-- one of the short names in :data:`HUB_ALIASES` (``gsm8k``, ``math500``, ``aime24``).
+An evaluation set is named by a SPEC of the one grammar of :mod:`rqat_deploy.data.spec`: a
+comma-separated list of ``source[:weight]``, a source being a local ``.jsonl`` / ``.json`` /
+``.parquet`` file, a ``.txt`` file (one question per non-empty line, no gold answers: speed runs
+only), a local dataset directory or Hub id ``org/name[#config][@split]``, or a short name of
+:data:`~rqat_deploy.data.spec.HUB_ALIASES` (``gsm8k``, ``math500``, ``aime24``). A dataset written
+without ``@split`` gives its ``test`` split, or its only split
+(:data:`~rqat_deploy.data.spec.EVAL_SPLIT`). Rows are read in order by
+:func:`rqat_deploy.data.sources.read_rows`, the loader training data uses too.
 
 Weights only matter with a ``limit``: the limit is shared between the sources in proportion to
 their weights (default 1 each, largest remainder), and each source contributes its first rows, so
@@ -20,27 +20,23 @@ GSM8K's ``#### n`` tail, the last ``\\boxed{}`` of a solution, or the field as i
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
+from rqat_deploy.data.sources import read_rows
+from rqat_deploy.data.spec import EVAL_SPLIT, DefaultSplit, Source, allocate, parse_spec
 from rqat_deploy.errors import DataError
 
 __all__ = [
     "ANSWER_FIELDS",
-    "HUB_ALIASES",
     "QUESTION_FIELDS",
     "SOLUTION_FIELDS",
     "EvalExample",
-    "SourceSpec",
     "detect_fields",
+    "eval_sources",
     "gold_final_answer",
     "load_eval_set",
     "load_rows",
-    "parse_spec",
 ]
 
 #: Column names tried, in order, for the question (MATH/AIME use ``problem``; GSM8K ``question``).
@@ -49,27 +45,6 @@ QUESTION_FIELDS: tuple[str, ...] = ("problem", "question", "query", "prompt", "i
 ANSWER_FIELDS: tuple[str, ...] = ("answer", "final_answer", "gt", "target", "expected_answer", "label")
 #: Column names tried, in order, for a worked solution (used as the gold answer's fallback source).
 SOLUTION_FIELDS: tuple[str, ...] = ("solution", "gt_cot", "rationale")
-
-#: Short names for the usual Hub sets: (dataset id, config, split).
-HUB_ALIASES: dict[str, tuple[str, str | None, str]] = {
-    "gsm8k": ("openai/gsm8k", "main", "test"),
-    "math500": ("HuggingFaceH4/MATH-500", None, "test"),
-    "math-500": ("HuggingFaceH4/MATH-500", None, "test"),
-    "aime24": ("HuggingFaceH4/aime_2024", None, "train"),
-    "aime2024": ("HuggingFaceH4/aime_2024", None, "train"),
-}
-
-_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
-_WEIGHT_RE = re.compile(r"^(?P<source>.+?):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One ``source[:weight]`` item of a SPEC."""
-
-    source: str
-    weight: float = 1.0
-
 
 @dataclass(frozen=True)
 class EvalExample:
@@ -96,34 +71,21 @@ class EvalExample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_spec(spec: str) -> list[SourceSpec]:
-    """Parse a SPEC: comma-separated ``source[:weight]`` items.
+def eval_sources(spec: str, split: str | None = None) -> list[Source]:
+    """Parse an evaluation SPEC (:func:`rqat_deploy.data.spec.parse_spec` with the evaluation default split).
 
     Args:
-        spec: e.g. ``"gsm8k_test.jsonl"``, ``"a.jsonl:3,openai/gsm8k@main:1"``.
+        spec: e.g. ``"gsm8k_test.jsonl"``, ``"a.jsonl:3,openai/gsm8k#main@test:1"``, ``"math500"``.
+        split: the split of dataset sources written without ``@split``; ``None``:
+            :data:`~rqat_deploy.data.spec.EVAL_SPLIT` (``test``, or the dataset's only split).
 
     Returns:
         The sources in order, weight 1.0 where none was given.
 
     Raises:
-        DataError: on an empty SPEC, an empty item, or a weight that is not positive.
+        DataError: as :func:`~rqat_deploy.data.spec.parse_spec`.
     """
-    if not spec or not spec.strip():
-        raise DataError("empty dataset SPEC: give one or more `source[:weight]` items, comma-separated")
-    items: list[SourceSpec] = []
-    for raw in spec.split(","):
-        item = raw.strip()
-        if not item:
-            raise DataError(f"empty item in dataset SPEC {spec!r}: remove the stray comma")
-        match = _WEIGHT_RE.match(item)
-        if match and not Path(item).exists():
-            weight = float(match.group("weight"))
-            if not math.isfinite(weight) or weight <= 0:
-                raise DataError(f"weight of {match.group('source')!r} in SPEC must be > 0, got {weight}")
-            items.append(SourceSpec(match.group("source"), weight))
-        else:
-            items.append(SourceSpec(item, 1.0))
-    return items
+    return parse_spec(spec, EVAL_SPLIT if split is None else DefaultSplit(split))
 
 
 def gold_final_answer(value: Any) -> str | None:
@@ -197,101 +159,29 @@ def detect_fields(
     return q, a, s
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc}); fix the file") from exc
-        if not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not a JSON object ({exc}); fix or remove the line") from exc
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        rows.append(obj)
-    return rows
-
-
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:  # pragma: no cover - pyarrow comes with datasets
-        raise DataError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`)") from exc
-    return pq.read_table(path).to_pylist()
-
-
-def _read_text(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [{"question": line.strip()} for line in lines if line.strip()]
-
-
-def _load_with_datasets(source: str, split: str | None) -> list[dict[str, Any]]:
-    """Load a Hub id or a local dataset directory through :func:`datasets.load_dataset`."""
-    try:
-        import datasets
-    except ImportError as exc:  # pragma: no cover - datasets is a dependency
-        raise DataError(f"loading {source!r} needs the `datasets` package (`pip install datasets`)") from exc
-    name, config, alias_split = source, None, None
-    if source.lower() in HUB_ALIASES:
-        name, config, alias_split = HUB_ALIASES[source.lower()]
-    elif "@" in source and not Path(source).exists():
-        name, config = source.split("@", 1)
-    try:
-        loaded = datasets.load_dataset(name, config) if config else datasets.load_dataset(name)
-    except Exception as exc:  # datasets raises many kinds (FileNotFoundError, ConnectionError...)
-        raise DataError(
-            f"cannot load dataset {source!r} ({type(exc).__name__}: {exc}). Give a local "
-            f"JSONL/Parquet/text file, a local dataset directory, or a Hub id (with `@config` if it "
-            f"has several configs); offline, download it first."
-        ) from exc
-    if isinstance(loaded, datasets.DatasetDict):
-        splits = list(loaded.keys())
-        chosen = split or alias_split
-        if chosen is None:
-            chosen = "test" if "test" in splits else (splits[0] if len(splits) == 1 else None)
-        if chosen not in loaded:
-            raise DataError(f"dataset {source!r} has splits {splits}; choose one with split=...")
-        loaded = loaded[chosen]
-    return [dict(r) for r in loaded]
-
-
-def load_rows(source: str, *, split: str | None = None) -> list[dict[str, Any]]:
-    """Read the raw rows of one source.
+def load_rows(source: str | Source, *, split: str | None = None) -> list[dict[str, Any]]:
+    """Read the raw rows of one source, in order.
 
     Args:
-        source: a local file, a local dataset directory, a Hub id (optionally ``id@config``) or an
-            alias of :data:`HUB_ALIASES`.
-        split: the split to take from a Hub / directory dataset (default ``test``, or the only one).
+        source: a parsed source, or one source of the SPEC grammar (a local file or dataset
+            directory, a Hub id ``org/name[#config][@split]``, an alias).
+        split: the split of a dataset written without ``@split`` (default ``test``, or the only one).
 
     Returns:
-        The rows as dicts.
+        The rows as dicts; a text file gives ``{"question": line}`` per non-empty line.
 
     Raises:
         DataError: when the source cannot be found or read.
     """
-    path = Path(source).expanduser()
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            return _read_jsonl(path)
-        if suffix == ".parquet":
-            return _read_parquet(path)
-        if suffix == ".txt":
-            return _read_text(path)
-        raise DataError(f"{path}: unknown file type {suffix!r}; use one of {list(_LOCAL_SUFFIXES)}")
-    if path.suffix.lower() in _LOCAL_SUFFIXES and not path.exists():
-        raise DataError(f"dataset file {path} does not exist: check the path")
-    return _load_with_datasets(source, split)
+    if isinstance(source, str):
+        parsed = eval_sources(source, split)
+        if len(parsed) != 1:
+            raise DataError(f"load_rows reads one source, got {len(parsed)} in {source!r}: use load_eval_set")
+        source = parsed[0]
+    rows = read_rows(source, text_unit="line")
+    if source.kind == "text":
+        return [{"question": r["text"].strip()} for r in rows if r["text"].strip()]
+    return rows
 
 
 def _rows_to_examples(
@@ -334,17 +224,6 @@ def _rows_to_examples(
     return out
 
 
-def _share_limit(limit: int, weights: list[float], sizes: list[int]) -> list[int]:
-    """Split ``limit`` rows over sources in proportion to weights (largest remainder, capped by size)."""
-    total = sum(weights)
-    exact = [limit * w / total for w in weights]
-    counts = [math.floor(x) for x in exact]
-    order = sorted(range(len(weights)), key=lambda i: exact[i] - counts[i], reverse=True)
-    for i in order[: limit - sum(counts)]:
-        counts[i] += 1
-    return [min(c, n) for c, n in zip(counts, sizes)]
-
-
 def load_eval_set(
     spec: str,
     *,
@@ -356,11 +235,12 @@ def load_eval_set(
     """Load an evaluation set from a SPEC.
 
     Args:
-        spec: comma-separated ``source[:weight]`` (see the module docstring).
+        spec: comma-separated ``source[:weight]`` (:mod:`rqat_deploy.data.spec`).
         limit: keep at most this many questions in all, shared by weight; None keeps every row.
         question_field: the question column, detected when None.
         answer_field: the gold answer column, detected when None.
-        split: the split of Hub / directory datasets.
+        split: the split of Hub / directory datasets written without ``@split`` (default ``test``,
+            or the only split).
 
     Returns:
         The examples, ``index`` numbered 0.. in order (source by source).
@@ -370,13 +250,13 @@ def load_eval_set(
     """
     if limit is not None and limit < 1:
         raise DataError(f"limit must be >= 1, got {limit}")
-    sources = parse_spec(spec)
+    sources = eval_sources(spec, split)
     per_source = [
-        _rows_to_examples(load_rows(s.source, split=split), s.source, question_field=question_field, answer_field=answer_field)
+        _rows_to_examples(load_rows(s), s.name, question_field=question_field, answer_field=answer_field)
         for s in sources
     ]
     if limit is not None:
-        counts = _share_limit(limit, [s.weight for s in sources], [len(x) for x in per_source])
+        counts = allocate([s.weight for s in sources], limit)  # the first rows of each, capped by its size
         per_source = [x[:c] for x, c in zip(per_source, counts)]
     examples = [ex for group in per_source for ex in group]
     return [

@@ -177,15 +177,17 @@ class TrainConfig:
 
     def calib_spec(self) -> str:
         """``calib`` (``builtin``: the built-in files), else the 80/20 default (built-in for the built-in model)."""
-        from rqat_deploy.data.training import DEFAULT_CALIB_SPEC
-        from rqat_deploy.builtin.synth import BUILTIN, resolve_spec
+        from rqat_deploy.builtin.synth import resolve_spec
+        from rqat_deploy.data.calib import DEFAULT_CALIB_SPEC
+        from rqat_deploy.data.spec import BUILTIN
 
         return resolve_spec(self.calib, "calib", BUILTIN if self.model is None else DEFAULT_CALIB_SPEC)
 
     def train_spec(self) -> str:
         """``train_data`` (``builtin``: the built-in traces), else the default traces (built-in for the built-in model)."""
-        from rqat_deploy.data.training import DEFAULT_TRAIN_SPEC
-        from rqat_deploy.builtin.synth import BUILTIN, resolve_spec
+        from rqat_deploy.builtin.synth import resolve_spec
+        from rqat_deploy.data.sft import DEFAULT_TRAIN_SPEC
+        from rqat_deploy.data.spec import BUILTIN
 
         return resolve_spec(self.train_data, "train", BUILTIN if self.model is None else DEFAULT_TRAIN_SPEC)
 
@@ -300,7 +302,7 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
     from rqat_deploy.train import distributed as dist_utils
     from rqat_deploy.quant.checkpoint import load_model, save_checkpoint
     from rqat_deploy.quant.checkpoint import read_checkpoint
-    from rqat_deploy.data.training import build_calibration
+    from rqat_deploy.data.calib import build_calibration
 
     init_ckpt = cfg.work_path / "init"
     if cfg.init_from is not None:  # a finished initialisation to share between stage-2 runs
@@ -351,7 +353,7 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
 def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> dict[str, Any]:
     """Scale-only end-to-end training of ``student`` against ``teacher``."""
     from rqat_deploy.train import distributed as dist_utils
-    from rqat_deploy.data.training import build_sft
+    from rqat_deploy.data.sft import build_sft
     from rqat_deploy.train.stage2 import Stage2Config, run_stage2
     from rqat_deploy.quant.surgery import freeze_codes
     from rqat_deploy.train.teacher import CachedTeacher, LiveTeacher

@@ -72,7 +72,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rqat_deploy.train import distributed as dist_utils
-from rqat_deploy.data.training import SFTSet
+from rqat_deploy.data.sft import SFTSet
 from rqat_deploy.errors import ConfigError, NonFiniteError, RqatError
 from rqat_deploy.files import staged_file
 from rqat_deploy.train.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics

@@ -7,7 +7,7 @@ in the order the student selects them (sample by sample, positions ascending)::
 
 :class:`LiveTeacher` runs the teacher on each sample *alone*, trimmed to its own length (no padding),
 and computes log-softmax / top-k ``chunk_size`` tokens at a time. :meth:`CachedTeacher.build` runs
-exactly that computation once over a whole :class:`rqat_deploy.data.training.SFTSet` and stores, for every
+exactly that computation once over a whole :class:`rqat_deploy.data.sft.SFTSet` and stores, for every
 completion token, the top-k ids (int32), their log-probabilities and the label's log-probability
 (float32, or float16 to halve the disk) as ``.npy`` files read back through memory maps. With
 float32 storage a cached teacher therefore returns bit-identical targets to the live one (and
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from rqat_deploy.data.training import IGNORE_INDEX, SFTSet
+from rqat_deploy.data.sft import IGNORE_INDEX, SFTSet
 from rqat_deploy.errors import ConfigError, DataError, ShapeError
 from rqat_deploy.files import atomic_write_json
 from rqat_deploy.train.losses import TeacherTargets
