@@ -62,6 +62,7 @@ from rqat_deploy.quant.qlinear import QuantLinear
 from rqat_deploy.quant.quantizer import checkpoint_layout, quantizer_class
 from rqat_deploy.quant.spec import QuantSpec
 from rqat_deploy.quant.surgery import _set_submodule, select_linears
+from rqat_deploy.train.schedule import lr_at
 
 STATE_VERSION = 1
 STAGE_DIR = "stage1"
@@ -420,14 +421,6 @@ def _kquant_scale_lrs(
     return out
 
 
-def _cosine(base: float, step: int, total: int, factor: float) -> float:
-    """Cosine from ``base`` at step 0 to ``base / factor`` at step ``total``."""
-    lo = base / factor
-    if total <= 0:
-        return base
-    return lo + (base - lo) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
 # ---------------------------------------------------------------------------------------------
 # forward passes over a store
 # ---------------------------------------------------------------------------------------------
@@ -527,7 +520,8 @@ def _train_block(
             losses = []
             for _, (x, y) in paired_batches([q_store, fp_store], order, cfg.batch_size, pin=device.type == "cuda"):
                 for g in opt.param_groups:
-                    g["lr"] = _cosine(g["base_lr"], step, total, cfg.min_lr_factor)
+                    base = g["base_lr"]  # cosine to base / min_lr_factor, no warm-up
+                    g["lr"] = lr_at(step, peak=base, total=total, floor=base / cfg.min_lr_factor, pi_first=True)
                 x = x.to(device=device, dtype=torch.float32, non_blocking=True)
                 y = y.to(device=device, dtype=torch.float32, non_blocking=True)
                 with _autocast(cfg, device):

@@ -9,8 +9,8 @@ sub-scales through straight-through rounding), plus any parameter named in ``ext
 One optimizer *step* consumes a global batch of ``global_batch`` samples (paper: 64), split into
 micro-batches of ``micro_batch`` samples whose gradients accumulate; every loss term is divided by
 the completion-token count of the whole global batch, so the accumulated gradient is the global
-per-token mean whatever the micro-batch size. AdamW, linear warm-up then cosine (or linear) decay,
-gradient-norm clipping.
+per-token mean whatever the micro-batch size. AdamW, linear warm-up then cosine (or linear) decay
+(:func:`rqat_deploy.train.schedule.lr_at`), gradient-norm clipping.
 
 Long runs: ``state_dir`` receives ``stage2_state.pt`` every ``save_every`` steps, at the end and on
 Ctrl-C (trainable parameters, optimizer, scheduler, RNG states, step = data position, the
@@ -77,11 +77,11 @@ from rqat_deploy.errors import ConfigError, NonFiniteError, RqatError
 from rqat_deploy.files import staged_file
 from rqat_deploy.train.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics
 from rqat_deploy.quant.surgery import freeze_codes, quant_linears
+from rqat_deploy.train.schedule import SHAPES, lr_at
 from rqat_deploy.train.teacher import Teacher, decoder_and_head
 
 STATE_FILE = "stage2_state.pt"
 METRICS_FILE = "stage2_metrics.jsonl"
-SCHEDULES = ("cosine", "linear", "constant")
 #: config fields that may change between an interrupted run and its resumption
 _RESUME_FREE = ("save_every", "log_every", "tensorboard", "log_path")
 _SMALL_MODEL_PARAMS = 3e9  # "1.7B" vs "larger models" in the paper's learning rates
@@ -156,8 +156,8 @@ class Stage2Config:
     log_path: str | None = None
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule not in SHAPES:
+            raise ConfigError(f"schedule must be one of {SHAPES}, got {self.schedule!r}")
         for name in ("global_batch", "micro_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -260,22 +260,6 @@ def trainable_parameters(student: nn.Module, cfg: Stage2Config) -> list[tuple[st
     if not params:
         raise ConfigError("no parameter trains in stage 2: check train_sub_scales / extra_trainable")
     return params
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
-    """Learning-rate multiplier of step ``s`` (0-based): linear warm-up, then cosine/linear/constant."""
-
-    def f(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        span = max(total_steps - warmup_steps, 1)
-        progress = min((s - warmup_steps) / span, 1.0)
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-        return min_ratio + (1 - min_ratio) * decay
-
-    return f
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -598,7 +582,9 @@ def run_stage2(
     optimizer = torch.optim.AdamW(
         [p for _, p in params], lr=rcfg.lr, betas=rcfg.betas, eps=rcfg.eps, weight_decay=rcfg.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup, rcfg.schedule, rcfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # a multiplier of lr: peak 1
+        optimizer, lambda s: lr_at(s, peak=1.0, total=total, warmup=warmup, floor=rcfg.min_lr_ratio, shape=rcfg.schedule)
+    )
 
     sdir = Path(state_dir) if state_dir is not None else None
     state_path = sdir / STATE_FILE if sdir is not None else None
