@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> dict:
     student, _ = load_model(ckpt, form="stage2", device=args.device)
     cfg = Stage2Config(
         lr=1e-4, epochs=1, global_batch=args.global_batch, micro_batch=args.micro_batch, eval_samples=0,
-        loss_chunk=args.loss_chunk, save_every=0, autocast_dtype="bfloat16" if args.device.startswith("cuda") else None,
+        loss_chunk=args.loss_chunk, save_every=0,  # autocast_dtype: bf16 on CUDA, none on CPU (the default)
     )
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()

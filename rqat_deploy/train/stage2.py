@@ -77,6 +77,7 @@ from rqat_deploy.errors import ConfigError, NonFiniteError, RqatError
 from rqat_deploy.files import staged_file
 from rqat_deploy.train.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics
 from rqat_deploy.quant.surgery import freeze_codes, quant_linears
+from rqat_deploy.train.precision import autocast
 from rqat_deploy.train.schedule import SHAPES, lr_at
 from rqat_deploy.train.teacher import Teacher, decoder_and_head
 
@@ -288,12 +289,6 @@ def _select(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return hidden[:, :-1][sel], labels[:, 1:][sel]
 
 
-def _autocast(dtype: str | None, device: torch.device) -> Any:
-    if dtype is None or device.type != "cuda":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast("cuda", dtype=getattr(torch, dtype))
-
-
 def _module_of(param_name: str) -> str:
     return param_name.rsplit(".quantizer.", 1)[0] if ".quantizer." in param_name else param_name
 
@@ -351,7 +346,7 @@ def evaluate(
     for mb in _micro_batches(local, micro_batch):
         ids, mask, labels = _batch(data, mb, device)
         t = teacher.targets(mb, ids, mask, labels, with_hidden=live).to(device)
-        with _autocast(autocast_dtype, device):
+        with autocast(device, autocast_dtype):
             hidden = _student_hidden(base, ids, mask)
         h, y = _select(hidden, labels)
         for k, v in token_metrics(h, head.weight, getattr(head, "bias", None), y, t, chunk_size).items():
@@ -384,7 +379,7 @@ class _StudentLoss(nn.Module):
         self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, targets: TeacherTargets, n_norm: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         base, head = decoder_and_head(self.student)
-        with _autocast(self.autocast_dtype, ids.device):
+        with autocast(ids.device, self.autocast_dtype):
             hidden = _student_hidden(base, ids, mask)  # [B, T, H]
         h, y = _select(hidden, labels)  # [N, H], [N]
         out = chunked_loss(h, head.weight, getattr(head, "bias", None), y, targets, self.loss_cfg, n_norm)
