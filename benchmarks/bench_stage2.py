@@ -141,7 +141,7 @@ def main() -> None:
     if args.data is None and not COT.exists():
         sys.exit(f"{COT} not found: pass --data SPEC")
     tmp = tempfile.TemporaryDirectory(prefix="bench-stage2-") if args.workdir is None else None
-    workdir = args.workdir or tmp.name  # type: ignore[union-attr]
+    workdir = args.workdir if tmp is None else tmp.name
     rows = []
     for teacher in args.teachers.split(","):
         cmd = [sys.executable, __file__, "--_worker", teacher, "--workdir", workdir]
