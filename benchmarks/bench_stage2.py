@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> dict:
     student, _ = load_model(ckpt, form="stage2", device=args.device)
     cfg = Stage2Config(
         lr=1e-4, epochs=1, global_batch=args.global_batch, micro_batch=args.micro_batch, eval_samples=0,
-        loss_chunk=args.loss_chunk, save_every=0, autocast_dtype="bfloat16" if args.device.startswith("cuda") else None,
+        loss_chunk=args.loss_chunk, save_every=0,  # autocast_dtype: bf16 on CUDA, none on CPU (the default)
     )
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -141,7 +141,7 @@ def main() -> None:
     if args.data is None and not COT.exists():
         sys.exit(f"{COT} not found: pass --data SPEC")
     tmp = tempfile.TemporaryDirectory(prefix="bench-stage2-") if args.workdir is None else None
-    workdir = args.workdir or tmp.name  # type: ignore[union-attr]
+    workdir = args.workdir if tmp is None else tmp.name
     rows = []
     for teacher in args.teachers.split(","):
         cmd = [sys.executable, __file__, "--_worker", teacher, "--workdir", workdir]

@@ -299,6 +299,18 @@ def test_gradient_clipping_applies(tiny_qwen3_dir: Path, tmp_path: Path) -> None
     assert all(b.grad_norm_max > clip and b.clipped_steps == b.steps for b in rep.blocks)
 
 
+def test_autocast_is_cuda_only(tiny_qwen3_dir: Path, tmp_path: Path) -> None:
+    """Stage 1 autocasts on CUDA only (rqat_deploy.train.precision.autocast, as stage 2): on CPU an
+    explicit ``bfloat16`` trains exactly as ``none`` (it used to autocast the CPU forwards)."""
+    states = []
+    for mode in ("bfloat16", "none"):
+        model = _load(tiny_qwen3_dir)
+        cfg = Stage1Config(**{**SMALL, "epochs": 1, "autocast": mode})
+        run_stage1(model, QuantSpec(bits=2), _ids(), cfg, work_dir=tmp_path / mode, progress=False)
+        states.append(_state(model))
+    _assert_same_state(*states)
+
+
 def test_nan_stops_naming_the_block(tiny_qwen3_dir: Path, tmp_path: Path) -> None:
     model = _load(tiny_qwen3_dir)
     with torch.no_grad():

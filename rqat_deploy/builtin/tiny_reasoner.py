@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import random
 import sys
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from rqat_deploy.builtin import synth
 from rqat_deploy.builtin.tiny import build_tokenizer
 from rqat_deploy.errors import ConfigError, OutputExistsError
+from rqat_deploy.train.schedule import lr_at
 
 if TYPE_CHECKING:
     import torch
@@ -258,11 +258,8 @@ def _model_config(cfg: BuildConfig, tokenizer: Any) -> Any:
 
 
 def _lr_at(cfg: BuildConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    floor = cfg.lr * cfg.final_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    """The build's learning rate at ``step``: linear warm-up, cosine to ``lr * final_lr_ratio``."""
+    return lr_at(step, peak=cfg.lr, total=cfg.steps, warmup=cfg.warmup_steps, floor=cfg.lr * cfg.final_lr_ratio)
 
 
 def _train(cfg: BuildConfig, model: Any, data: _Data, pad_id: int, log: Any, tokenizer: Any = None) -> list[dict[str, float]]:

@@ -35,10 +35,9 @@ import math
 import resource
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +60,8 @@ from rqat_deploy.files import atomic_write_json, staged_file
 from rqat_deploy.quant.qlinear import QuantLinear
 from rqat_deploy.quant.spec import QuantSpec
 from rqat_deploy.quant.surgery import select_linears, set_submodule
+from rqat_deploy.train.precision import autocast
+from rqat_deploy.train.schedule import lr_at
 
 STATE_VERSION = 1
 STAGE_DIR = "stage1"
@@ -90,7 +91,8 @@ class Stage1Config:
         kquant_relative_lr: on the kquant grid, scale the learning rate of the super-block scales
             ``d`` / ``dmin`` so their relative steps match the uniform grid's (see
             :func:`_scale_lrs`); ``False`` uses ``quant_lr`` for them as is.
-        autocast: ``"auto"`` (bf16 on CUDA, off on CPU) | ``"none"`` | ``"bfloat16"`` | ``"float16"``.
+        autocast: ``"auto"`` (= ``"bfloat16"``) | ``"bfloat16"`` | ``"float16"`` | ``"none"``; autocast
+            applies on CUDA only (:func:`rqat_deploy.train.precision.autocast`), CPU runs stay in float32.
         forward_batch_size: sequences per forward when computing targets, propagating the student
             stream and validating.
         log_every: write a step record to ``metrics.jsonl`` every this many steps.
@@ -411,26 +413,14 @@ def _scale_lrs(
     return out
 
 
-def _cosine(base: float, step: int, total: int, factor: float) -> float:
-    """Cosine from ``base`` at step 0 to ``base / factor`` at step ``total``."""
-    lo = base / factor
-    if total <= 0:
-        return base
-    return lo + (base - lo) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
 # ---------------------------------------------------------------------------------------------
 # forward passes over a store
 # ---------------------------------------------------------------------------------------------
 
 
-def _autocast(cfg: Stage1Config, device: torch.device) -> ContextManager[Any]:
-    name = cfg.autocast
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "none"
-    if name == "none":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, name))
+def _autocast_dtype(cfg: Stage1Config) -> str | None:
+    """``cfg.autocast`` as the dtype of :func:`~rqat_deploy.train.precision.autocast` (CUDA only)."""
+    return None if cfg.autocast == "none" else "bfloat16" if cfg.autocast == "auto" else cfg.autocast
 
 
 @torch.no_grad()
@@ -456,7 +446,7 @@ def _val_loss(
     sse, count = 0.0, 0
     for _, (x, y) in paired_batches([q_store, fp_store], idx, cfg.forward_batch_size):
         y = y.to(device=device, dtype=torch.float32)
-        with _autocast(cfg, device):
+        with autocast(device, _autocast_dtype(cfg)):
             out = run_layer(block, x.to(device=device, dtype=torch.float32), inputs)
         sse += float((out.float() - y).square().sum(dtype=torch.float64))
         count += y.numel()
@@ -518,10 +508,11 @@ def _train_block(
             losses = []
             for _, (x, y) in paired_batches([q_store, fp_store], order, cfg.batch_size, pin=device.type == "cuda"):
                 for g in opt.param_groups:
-                    g["lr"] = _cosine(g["base_lr"], step, total, cfg.min_lr_factor)
+                    base = g["base_lr"]  # cosine to base / min_lr_factor, no warm-up
+                    g["lr"] = lr_at(step, peak=base, total=total, floor=base / cfg.min_lr_factor, pi_first=True)
                 x = x.to(device=device, dtype=torch.float32, non_blocking=True)
                 y = y.to(device=device, dtype=torch.float32, non_blocking=True)
-                with _autocast(cfg, device):
+                with autocast(device, _autocast_dtype(cfg)):
                     out = run_layer(block, x, inputs)
                 loss = F.mse_loss(out.float(), y)
                 lv = float(loss.detach())

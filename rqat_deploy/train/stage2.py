@@ -9,8 +9,9 @@ sub-scales through straight-through rounding), plus any parameter named in ``ext
 One optimizer *step* consumes a global batch of ``global_batch`` samples (paper: 64), split into
 micro-batches of ``micro_batch`` samples whose gradients accumulate; every loss term is divided by
 the completion-token count of the whole global batch, so the accumulated gradient is the global
-per-token mean whatever the micro-batch size. AdamW, linear warm-up then cosine (or linear) decay,
-gradient-norm clipping.
+per-token mean whatever the micro-batch size. AdamW, linear warm-up then cosine (or linear) decay
+(:func:`rqat_deploy.train.schedule.lr_at`), gradient-norm clipping. :class:`Stage2Trainer` is the run
+(setup and resume, one :meth:`~Stage2Trainer.step`, snapshots, evaluation); :func:`run_stage2` starts it.
 
 Long runs: ``state_dir`` receives ``stage2_state.pt`` every ``save_every`` steps, at the end and on
 Ctrl-C (trainable parameters, optimizer, scheduler, RNG states, step = data position, the
@@ -55,7 +56,6 @@ tensors before training. A non-finite loss on any rank stops every rank with the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -63,12 +63,14 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from rqat_deploy.train import distributed as dist_utils
@@ -77,11 +79,12 @@ from rqat_deploy.errors import ConfigError, NonFiniteError, RqatError
 from rqat_deploy.files import staged_file
 from rqat_deploy.train.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics
 from rqat_deploy.quant.surgery import freeze_codes, quant_linears
+from rqat_deploy.train.precision import autocast
+from rqat_deploy.train.schedule import SHAPES, lr_at
 from rqat_deploy.train.teacher import Teacher, decoder_and_head
 
 STATE_FILE = "stage2_state.pt"
 METRICS_FILE = "stage2_metrics.jsonl"
-SCHEDULES = ("cosine", "linear", "constant")
 #: config fields that may change between an interrupted run and its resumption
 _RESUME_FREE = ("save_every", "log_every", "tensorboard", "log_path")
 _SMALL_MODEL_PARAMS = 3e9  # "1.7B" vs "larger models" in the paper's learning rates
@@ -156,8 +159,8 @@ class Stage2Config:
     log_path: str | None = None
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule not in SHAPES:
+            raise ConfigError(f"schedule must be one of {SHAPES}, got {self.schedule!r}")
         for name in ("global_batch", "micro_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -181,7 +184,7 @@ class Stage2Config:
         """The :class:`LossConfig` these settings describe."""
         return LossConfig(self.loss_terms, self.alpha, self.beta, self.top_k, self.renormalize_topk, self.loss_chunk)
 
-    def resolved(self, student: nn.Module) -> "Stage2Config":
+    def resolved(self, student: nn.Module) -> ResolvedStage2Config:
         """Fill ``lr`` and ``epochs`` with the paper's values for the student's bit width and size."""
         bits = {m.spec.bits for _, m in quant_linears(student)}
         b = min(bits) if bits else 4
@@ -191,13 +194,23 @@ class Stage2Config:
         small = n_params <= _SMALL_MODEL_PARAMS
         lr = self.lr if self.lr is not None else (1e-6 if b >= 3 else (5e-6 if small else 1e-4))
         epochs = self.epochs if self.epochs is not None else (3 if b == 2 and small else 1)
-        return dataclasses.replace(self, lr=lr, epochs=epochs)
+        fixed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return ResolvedStage2Config(**(fixed | {"lr": lr, "epochs": epochs}))
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (what the state file and the report record)."""
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["extra_trainable"] = list(self.extra_trainable)
         return d
+
+
+@dataclass(frozen=True)
+class ResolvedStage2Config(Stage2Config):
+    """A :class:`Stage2Config` whose ``lr`` and ``epochs`` are decided (:meth:`Stage2Config.resolved`)."""
+
+    epochs: int = dataclasses.field(kw_only=True)
+    lr: float = dataclasses.field(kw_only=True)
 
 
 @dataclass
@@ -262,22 +275,6 @@ def trainable_parameters(student: nn.Module, cfg: Stage2Config) -> list[tuple[st
     return params
 
 
-def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
-    """Learning-rate multiplier of step ``s`` (0-based): linear warm-up, then cosine/linear/constant."""
-
-    def f(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        span = max(total_steps - warmup_steps, 1)
-        progress = min((s - warmup_steps) / span, 1.0)
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-        return min_ratio + (1 - min_ratio) * decay
-
-    return f
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The training-sample order of ``epoch``: a permutation fixed by ``seed`` and ``epoch``."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -302,12 +299,6 @@ def _select(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     """Hidden states predicting each completion token and those tokens, ``[N, H]`` and ``[N]`` (row-major)."""
     sel = labels[:, 1:] != -100  # [B, T-1]
     return hidden[:, :-1][sel], labels[:, 1:][sel]
-
-
-def _autocast(dtype: str | None, device: torch.device) -> Any:
-    if dtype is None or device.type != "cuda":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast("cuda", dtype=getattr(torch, dtype))
 
 
 def _module_of(param_name: str) -> str:
@@ -367,7 +358,7 @@ def evaluate(
     for mb in _micro_batches(local, micro_batch):
         ids, mask, labels = _batch(data, mb, device)
         t = teacher.targets(mb, ids, mask, labels, with_hidden=live).to(device)
-        with _autocast(autocast_dtype, device):
+        with autocast(device, autocast_dtype):
             hidden = _student_hidden(base, ids, mask)
         h, y = _select(hidden, labels)
         for k, v in token_metrics(h, head.weight, getattr(head, "bias", None), y, t, chunk_size).items():
@@ -396,26 +387,24 @@ class _StudentLoss(nn.Module):
         self.loss_cfg = loss_cfg
         self.autocast_dtype = autocast_dtype
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, targets: TeacherTargets, n_norm: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         base, head = decoder_and_head(self.student)
-        with _autocast(self.autocast_dtype, ids.device):
+        with autocast(ids.device, self.autocast_dtype):
             hidden = _student_hidden(base, ids, mask)  # [B, T, H]
         h, y = _select(hidden, labels)  # [N, H], [N]
         out = chunked_loss(h, head.weight, getattr(head, "bias", None), y, targets, self.loss_cfg, n_norm)
         return out.loss, out.parts
 
 
-def _wrap_ddp(model: nn.Module) -> nn.Module:
+def _wrap_ddp(model: nn.Module) -> DistributedDataParallel:
     """``model`` in DistributedDataParallel, synchronising (and broadcasting at start) only what trains.
 
     Frozen parameters (codes are buffers; embeddings, norms...) and all buffers are left out of
     DDP's start-up broadcast and per-forward buffer sync: every rank loaded the same checkpoint,
     and the integer codes of a large model would otherwise cross the network for nothing.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     ignore = [
         f"{mod_name}.{name}" if mod_name else name
         for mod_name, mod in model.named_modules()
@@ -535,6 +524,309 @@ def _load_state(path: Path, cfg: Stage2Config, fingerprint: str) -> dict[str, An
 # ---------------------------------------------------------------------------------------------
 
 
+class Stage2Trainer:
+    """One stage-2 run (module docstring): set up or resume on construction, then :meth:`run`.
+
+    :meth:`run` evaluates before training, calls :meth:`step` for every optimizer step,
+    :meth:`snapshot` every ``save_every`` steps, at the end and on Ctrl-C, and evaluates after.
+    Only rank 0 writes (the state, the metrics); every rank trains.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        data: SFTSet,
+        teacher: Teacher,
+        cfg: Stage2Config,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+    ) -> None:
+        """Check the student, data and teacher; build the optimizer and schedule; resume from ``state_dir``.
+
+        Args and Raises: those of :func:`run_stage2`.
+        """
+        self.student, self.data, self.teacher = student, data, teacher
+        self.cfg = cfg.resolved(student)
+        self.loss_cfg = self.cfg.loss_config()
+        self.params = trainable_parameters(student, self.cfg)
+        decoder_and_head(student)  # a causal LM with a base model and a head, or ConfigError
+        self.device = next(student.parameters()).device
+        self.world = dist_utils.world_size() if dist_utils.is_distributed() else 1
+        self.main = dist_utils.is_main()
+        if self.world > 1:
+            _check_process_group(self.device)
+        if self.cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(student)
+        self._split_data()
+        self._make_optimizer()
+        self.fingerprint = data.fingerprint()
+        sdir = Path(state_dir) if state_dir is not None else None
+        self.state_path = sdir / STATE_FILE if sdir is not None else None
+        self.start: int = 0  # the step this call begins at: the saved one on resume
+        self.last_saved: int | None = None  # the step of the state on disk
+        self.eval_before: dict[str, float] | None = None
+        if self.state_path is not None and self.state_path.exists():
+            self._resume(self.state_path, resume)
+        if self.world > 1:  # before anything is written: every rank has read the same state (or none)
+            _agree({"data": self.fingerprint, "start_step": self.start, "steps": self.total,
+                    "trainable": [n for n, _ in self.params]})
+        self.log_path = Path(self.cfg.log_path) if self.cfg.log_path else (sdir / METRICS_FILE if sdir is not None else None)
+        resumed = self.start if self.last_saved is not None else None
+        self.logger = _Logger(self.log_path if self.main else None, self.cfg.tensorboard, resumed)
+        self.done: int = self.start  # optimizer steps done
+        self.tokens: int = 0  # completion tokens trained in this call
+        self.final_loss: float | None = None
+        self._updating = False  # True while the optimizer changes the parameters (a state then is not consistent)
+        self._order_epoch: int = -1  # the epoch whose sample order ``_order`` is
+        self._order: list[int] = []
+        self._t0 = 0.0  # when training began (tokens_per_s)
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _split_data(self) -> None:
+        """Hold out the last ``eval_samples``; the run's steps and warm-up over the rest."""
+        n_eval = self.cfg.eval_samples
+        if len(self.data) - n_eval < 1:
+            raise ConfigError(
+                f"{len(self.data)} samples leave none to train on after holding out eval_samples={n_eval}: lower it or add data"
+            )
+        self.teacher.check(self.data, top_k=self.loss_cfg.top_k, full_vocab=self.loss_cfg.needs_full_teacher)
+        self.train_idx = list(range(len(self.data) - n_eval))
+        self.eval_idx = list(range(len(self.data) - n_eval, len(self.data)))
+        self.per_epoch = math.ceil(len(self.train_idx) / self.cfg.global_batch)
+        total = self.per_epoch * int(self.cfg.epochs)
+        self.total = min(total, self.cfg.max_steps) if self.cfg.max_steps is not None else total
+        self.warmup = int(self.cfg.warmup_ratio * self.total)
+
+    def _make_optimizer(self) -> None:
+        """AdamW over the trainable tensors; the schedule as a multiplier of ``lr`` (:func:`lr_at`, peak 1)."""
+        c = self.cfg
+        self.optimizer = torch.optim.AdamW(
+            [p for _, p in self.params], lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay
+        )
+        total, warmup = self.total, self.warmup
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_at(s, peak=1.0, total=total, warmup=warmup, floor=c.min_lr_ratio, shape=c.schedule),
+        )
+
+    def _resume(self, path: Path, resume: bool) -> None:
+        """Load the trainable tensors, optimizer, schedule and RNG states of ``path``."""
+        if not resume:
+            raise ConfigError(
+                f"{path} holds the state of an earlier run: pass resume=True (--resume) to continue it, "
+                "or remove it (--force) to start over"
+            )
+        state = _load_state(path, self.cfg, self.fingerprint)
+        named = dict(self.params)
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                named[name].copy_(value.to(named[name].device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.start = self.last_saved = int(state["step"])
+        self.eval_before = state["eval_before"]
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self, *, progress: bool = True, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> Stage2Report:
+        """Evaluate, train the remaining steps, save, evaluate again; arguments as :func:`run_stage2`."""
+        if self.eval_before is None:
+            self.eval_before = self.evaluate()
+            self.logger.log({"event": "eval", "when": "before", "step": self.start, **self.eval_before})
+        self._start_training()
+        bar = tqdm(total=self.total, initial=self.start, desc="stage 2", disable=not (progress and self.main),
+                   dynamic_ncols=True)
+        try:
+            for step in range(self.start, self.total):
+                metrics = self.step(step)
+                if self.done % self.cfg.log_every == 0 or self.done == self.total:
+                    self.logger.log(metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                bar.update(1)
+                if self.cfg.save_every and self.done % self.cfg.save_every == 0:
+                    self.snapshot()
+                if on_step is not None:
+                    on_step(self.done, metrics)
+        except KeyboardInterrupt:
+            if self.last_saved != self.done and not self._updating:
+                self.snapshot()
+            bar.close()
+            self.logger.close()
+            raise
+        bar.close()
+        seconds = time.perf_counter() - self._t0
+        if self.last_saved != self.done:
+            self.snapshot()
+        eval_after = self.evaluate()
+        self.logger.log({"event": "eval", "when": "after", "step": self.done, **eval_after})
+        self.logger.close()
+        return self._report(seconds, eval_after)
+
+    def _start_training(self) -> None:
+        """The loss module (wrapped in DDP when data parallel), train mode, CUDA memory statistics."""
+        self.counts = self.data.completion_tokens()
+        self.part_names = [TERMS[t] for t in self.loss_cfg.term_set]
+        engine = _StudentLoss(self.student, self.loss_cfg, self.cfg.autocast_dtype)
+        self.engine: _StudentLoss | DistributedDataParallel = _wrap_ddp(engine) if self.world > 1 else engine
+        self.student.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._t0 = time.perf_counter()
+
+    def step(self, step: int) -> dict[str, Any]:
+        """Optimizer step ``step`` (0-based) over its global batch; returns its metrics (inside :meth:`run`).
+
+        Raises:
+            NonFiniteError: a NaN/inf loss, gradient or scale (every rank raises).
+        """
+        epoch, idx = self._global_batch(step)
+        n_norm = int(self.counts[idx].sum())  # the GLOBAL batch's completion tokens (every rank holds the data)
+        loss, parts = self._accumulate(step, idx, n_norm)
+        grad_norm, lr_now = self._update(step)
+        self.done, self.tokens, self.final_loss = step + 1, self.tokens + n_norm, loss
+        elapsed = time.perf_counter() - self._t0
+        return {
+            "step": self.done, "epoch": epoch, "loss": loss, **{f"loss_{k}": v for k, v in parts.items()},
+            "lr": lr_now, "grad_norm": grad_norm, "tokens": n_norm,
+            "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
+        }
+
+    def _global_batch(self, step: int) -> tuple[int, list[int]]:
+        """The epoch of ``step`` and its global batch (sample indices, the single-process order)."""
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._order_epoch:
+            order = epoch_order(len(self.train_idx), self.cfg.seed, epoch)
+            self._order_epoch, self._order = epoch, [self.train_idx[i] for i in order]
+        return epoch, self._order[pos * self.cfg.global_batch : (pos + 1) * self.cfg.global_batch]
+
+    def _accumulate(self, step: int, idx: list[int], n_norm: int) -> tuple[float, dict[str, float]]:
+        """Forward and backward over this rank's share of ``idx``; the global batch's loss and its parts."""
+        local = dist_utils.shard(idx) if self.world > 1 else idx
+        # DDP averages gradients over ranks; each rank's loss is a share of the global per-token
+        # mean, so scaling it by the world size makes the average the single-process gradient.
+        # A rank whose share is empty (a short last batch) still joins the all-reduce with a
+        # zero-weighted micro-batch.
+        weight = float(self.world) if local else 0.0
+        mbs = list(_micro_batches(local or idx[:1], self.cfg.micro_batch))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, parts_sum, local_tokens, bad = 0.0, dict.fromkeys(self.part_names, 0.0), 0, None
+        for i, mb in enumerate(mbs):
+            with self._sync(last=i == len(mbs) - 1):
+                ids, mask, labels = _batch(self.data, mb, self.device)
+                with torch.no_grad():
+                    targets = self.teacher.targets(mb, ids, mask, labels, with_hidden=self.loss_cfg.needs_full_teacher)
+                    targets = targets.to(self.device)
+                loss, parts = self.engine(ids, mask, labels, targets, max(n_norm, 1))
+                if weight and not torch.isfinite(loss.detach()) and bad is None:
+                    where = f" (rank {dist_utils.rank()})" if self.world > 1 else ""
+                    bad = f"non-finite loss ({float(loss.detach())}) at step {step} on samples {mb}{where}: {parts}"
+                    if self.world == 1:
+                        raise NonFiniteError(f"{bad}; {_last_good(self.last_saved)}")
+                (loss * weight if weight != 1.0 else loss).backward()  # all ranks back-propagate: DDP stays in step
+            if weight:
+                loss_sum += float(loss.detach())
+                local_tokens += len(targets)
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v
+        if self.world > 1:
+            return self._reduce(step, loss_sum, parts_sum, local_tokens, bad, n_norm)
+        return loss_sum, parts_sum
+
+    def _sync(self, *, last: bool) -> ContextManager[Any]:
+        """DDP all-reduces the gradients once, on the ``last`` micro-batch of a step."""
+        if isinstance(self.engine, DistributedDataParallel) and not last:
+            return self.engine.no_sync()
+        return nullcontext()
+
+    def _reduce(
+        self, step: int, loss_sum: float, parts_sum: dict[str, float], local_tokens: int, bad: str | None, n_norm: int
+    ) -> tuple[float, dict[str, float]]:
+        """The global loss and parts for the log; a non-finite loss on any rank stops all of them."""
+        names = self.part_names
+        vec = torch.tensor([loss_sum, *(parts_sum[k] for k in names), local_tokens, bad is not None],
+                           dtype=torch.float64, device=self.device)
+        summed: list[float] = dist_utils.all_reduce_sum(vec).tolist()
+        if summed[-1]:
+            msgs = [m for m in dist_utils.all_gather_object(bad) if m is not None]
+            raise NonFiniteError(f"{msgs[0]}; {_last_good(self.last_saved)}")
+        if int(summed[-2]) != n_norm:  # the shards must cover the global batch exactly once
+            raise RqatError(f"step {step}: the ranks trained {int(summed[-2])} completion tokens, the global batch has {n_norm}")
+        return summed[0], dict(zip(names, summed[1:-2]))
+
+    def _update(self, step: int) -> tuple[float, float]:
+        """Clip, step the optimizer and the schedule; the gradient norm and the learning rate used."""
+        _check_finite(self.params, "gradient", step, self.last_saved)
+        plist = [p for _, p in self.params]
+        if self.cfg.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(plist, self.cfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in plist if p.grad is not None])))
+        lr_now = float(self.scheduler.get_last_lr()[0])
+        self._updating = True
+        self.optimizer.step()
+        self.scheduler.step()
+        self._updating = False
+        _check_finite(self.params, "scale", step, self.last_saved)
+        return grad_norm, lr_now
+
+    # -- state, evaluation, report --------------------------------------------------------------
+
+    def snapshot(self) -> None:
+        """Write the resumable state after ``self.done`` steps (rank 0; no-op without ``state_dir``)."""
+        if self.state_path is None:
+            return
+        if self.main:  # rank 0 writes; the others only note that the state now exists
+            _save_state(self.state_path, {
+                "step": self.done,
+                "params": {n: p.detach().cpu().clone() for n, p in self.params},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(),
+                "config": self.cfg.to_dict(),
+                "data_fingerprint": self.fingerprint,
+                "eval_before": self.eval_before,
+            })
+        self.last_saved = self.done
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics of the student now (:func:`evaluate` on the held-out samples)."""
+        return evaluate(self.student, self.data, self.eval_idx, self.teacher, micro_batch=self.cfg.micro_batch,
+                        chunk_size=self.cfg.loss_chunk, autocast_dtype=self.cfg.autocast_dtype, distributed=self.world > 1)
+
+    def _report(self, seconds: float, eval_after: dict[str, float]) -> Stage2Report:
+        return Stage2Report(
+            steps=self.total,
+            start_step=self.start,
+            epochs=int(self.cfg.epochs),
+            lr=float(self.cfg.lr),
+            tokens=self.tokens,
+            seconds=seconds,
+            tokens_per_s=self.tokens / seconds if seconds > 0 else 0.0,
+            eval_before=self.eval_before or {},
+            eval_after=eval_after,
+            final_loss=self.final_loss,
+            trainable={"tensors": len(self.params), "elements": sum(p.numel() for _, p in self.params)},
+            config=self.cfg.to_dict(),
+            log_path=str(self.log_path) if self.log_path else None,
+            state_path=str(self.state_path) if self.state_path else None,
+            peak_memory_bytes=int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None,
+            world_size=self.world,
+        )
+
+
+def _enable_gradient_checkpointing(student: nn.Module) -> None:
+    """Hugging Face gradient checkpointing, non-reentrant (the transformers >= 5 name when it exists)."""
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(student).__name__} does not support gradient checkpointing")
+    if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def run_stage2(
     student: nn.Module,
     data: SFTSet,
@@ -567,198 +859,5 @@ def run_stage2(
             a state from other settings, or a state in ``state_dir`` without ``resume``.
         NonFiniteError: a NaN/inf loss, gradient or scale (names the step and module).
     """
-    rcfg = cfg.resolved(student)
-    loss_cfg = rcfg.loss_config()
-    params = trainable_parameters(student, rcfg)
-    decoder_and_head(student)  # a causal LM with a base model and a head, or ConfigError
-    device = next(student.parameters()).device
-    world = dist_utils.world_size() if dist_utils.is_distributed() else 1
-    main = dist_utils.is_main()
-    if world > 1:
-        _check_process_group(device)
-    if rcfg.gradient_checkpointing:
-        if not getattr(student, "supports_gradient_checkpointing", False):
-            raise ConfigError(f"{type(student).__name__} does not support gradient checkpointing")
-        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_eval = rcfg.eval_samples
-    if len(data) - n_eval < 1:
-        raise ConfigError(f"{len(data)} samples leave none to train on after holding out eval_samples={n_eval}: lower it or add data")
-    teacher.check(data, top_k=loss_cfg.top_k, full_vocab=loss_cfg.needs_full_teacher)
-    train_idx = list(range(len(data) - n_eval))
-    eval_idx = list(range(len(data) - n_eval, len(data)))
-    per_epoch = math.ceil(len(train_idx) / rcfg.global_batch)
-    total = per_epoch * int(rcfg.epochs)  # type: ignore[arg-type]
-    if rcfg.max_steps is not None:
-        total = min(total, rcfg.max_steps)
-    warmup = int(rcfg.warmup_ratio * total)
-
-    optimizer = torch.optim.AdamW(
-        [p for _, p in params], lr=rcfg.lr, betas=rcfg.betas, eps=rcfg.eps, weight_decay=rcfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup, rcfg.schedule, rcfg.min_lr_ratio))
-
-    sdir = Path(state_dir) if state_dir is not None else None
-    state_path = sdir / STATE_FILE if sdir is not None else None
-    fingerprint = data.fingerprint()
-    start, eval_before, last_saved = 0, None, None
-    if state_path is not None and state_path.exists():
-        if not resume:
-            raise ConfigError(
-                f"{state_path} holds the state of an earlier run: pass resume=True (--resume) to continue it, "
-                "or remove it (--force) to start over"
-            )
-        state = _load_state(state_path, rcfg, fingerprint)
-        named = dict(params)
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                named[name].copy_(value.to(named[name].device))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start, eval_before, last_saved = int(state["step"]), state["eval_before"], int(state["step"])
-    if world > 1:  # before anything is written: every rank has read the same state (or none)
-        _agree({"data": fingerprint, "start_step": start, "steps": total, "trainable": [n for n, _ in params]})
-    log_path = Path(rcfg.log_path) if rcfg.log_path else (sdir / METRICS_FILE if sdir is not None else None)
-    logger = _Logger(log_path if main else None, rcfg.tensorboard, start if last_saved is not None else None)
-
-    def snapshot(step: int) -> None:
-        nonlocal last_saved
-        if state_path is None:
-            return
-        if not main:  # rank 0 writes; the others only note that the state now exists
-            last_saved = step
-            return
-        _save_state(state_path, {
-            "step": step,
-            "params": {n: p.detach().cpu().clone() for n, p in params},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "config": rcfg.to_dict(),
-            "data_fingerprint": fingerprint,
-            "eval_before": eval_before,
-        })
-        last_saved = step
-
-    ev = dict(micro_batch=rcfg.micro_batch, chunk_size=rcfg.loss_chunk, autocast_dtype=rcfg.autocast_dtype,
-              distributed=world > 1)
-    if eval_before is None:
-        eval_before = evaluate(student, data, eval_idx, teacher, **ev)  # type: ignore[arg-type]
-        logger.log({"event": "eval", "when": "before", "step": start, **eval_before})
-    counts = data.completion_tokens()
-    part_names = [TERMS[t] for t in loss_cfg.term_set]
-    engine = _StudentLoss(student, loss_cfg, rcfg.autocast_dtype)
-    if world > 1:
-        engine = _wrap_ddp(engine)
-    student.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=total, initial=start, desc="stage 2", disable=not (progress and main), dynamic_ncols=True)
-    t0, tokens, final_loss, done = time.perf_counter(), 0, None, start
-    order_epoch, order = -1, []
-    updating = False  # True while the optimizer changes the parameters (a state then is not consistent)
-    try:
-        for step in range(start, total):
-            epoch, pos = divmod(step, per_epoch)
-            if epoch != order_epoch:
-                order_epoch, order = epoch, [train_idx[i] for i in epoch_order(len(train_idx), rcfg.seed, epoch)]
-            idx = order[pos * rcfg.global_batch : (pos + 1) * rcfg.global_batch]
-            n_norm = int(counts[idx].sum())  # the GLOBAL batch's completion tokens (every rank holds the data)
-            local = dist_utils.shard(idx) if world > 1 else idx
-            # DDP averages gradients over ranks; each rank's loss is a share of the global per-token
-            # mean, so scaling it by the world size makes the average the single-process gradient.
-            # A rank whose share is empty (a short last batch) still joins the all-reduce with a
-            # zero-weighted micro-batch.
-            weight = float(world) if local else 0.0
-            mbs = list(_micro_batches(local or idx[:1], rcfg.micro_batch))
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum, parts_sum, local_tokens, bad = 0.0, dict.fromkeys(part_names, 0.0), 0, None
-            for i, mb in enumerate(mbs):
-                no_sync = world > 1 and i < len(mbs) - 1  # gradients all-reduce once, on the last micro-batch
-                with engine.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
-                    ids, mask, labels = _batch(data, mb, device)
-                    with torch.no_grad():
-                        targets = teacher.targets(mb, ids, mask, labels, with_hidden=loss_cfg.needs_full_teacher).to(device)
-                    loss, parts = engine(ids, mask, labels, targets, max(n_norm, 1))
-                    if weight and not torch.isfinite(loss.detach()) and bad is None:
-                        where = f" (rank {dist_utils.rank()})" if world > 1 else ""
-                        bad = f"non-finite loss ({float(loss.detach())}) at step {step} on samples {mb}{where}: {parts}"
-                        if world == 1:
-                            raise NonFiniteError(f"{bad}; {_last_good(last_saved)}")
-                    (loss * weight if weight != 1.0 else loss).backward()  # all ranks back-propagate: DDP stays in step
-                if weight:
-                    loss_sum += float(loss.detach())
-                    local_tokens += len(targets)
-                    for k, v in parts.items():
-                        parts_sum[k] = parts_sum.get(k, 0.0) + v
-            if world > 1:  # global loss and parts for the log; a non-finite loss on any rank stops all
-                vec = torch.tensor([loss_sum, *(parts_sum[k] for k in part_names), local_tokens, bad is not None],
-                                   dtype=torch.float64, device=device)
-                summed: list[float] = dist_utils.all_reduce_sum(vec).tolist()
-                loss_sum, parts_sum = summed[0], dict(zip(part_names, summed[1:-2]))
-                if summed[-1]:
-                    msgs = [m for m in dist_utils.all_gather_object(bad) if m is not None]
-                    raise NonFiniteError(f"{msgs[0]}; {_last_good(last_saved)}")
-                if int(summed[-2]) != n_norm:  # the shards must cover the global batch exactly once
-                    raise RqatError(f"step {step}: the ranks trained {int(summed[-2])} completion tokens, the global batch has {n_norm}")
-            _check_finite(params, "gradient", step, last_saved)
-            plist = [p for _, p in params]
-            if rcfg.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(plist, rcfg.max_grad_norm))
-            else:
-                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in plist if p.grad is not None])))
-            lr_now = scheduler.get_last_lr()[0]
-            updating = True
-            optimizer.step()
-            scheduler.step()
-            updating = False
-            _check_finite(params, "scale", step, last_saved)
-            done, tokens, final_loss = step + 1, tokens + n_norm, loss_sum
-            elapsed = time.perf_counter() - t0
-            metrics = {
-                "step": done, "epoch": epoch, "loss": loss_sum, **{f"loss_{k}": v for k, v in parts_sum.items()},
-                "lr": lr_now, "grad_norm": grad_norm, "tokens": n_norm,
-                "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-            }
-            if done % rcfg.log_every == 0 or done == total:
-                logger.log(metrics)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr_now:.2e}")
-            bar.update(1)
-            if rcfg.save_every and done % rcfg.save_every == 0:
-                snapshot(done)
-            if on_step is not None:
-                on_step(done, metrics)
-    except KeyboardInterrupt:
-        if last_saved != done and not updating:
-            snapshot(done)
-        bar.close()
-        logger.close()
-        raise
-    bar.close()
-    seconds = time.perf_counter() - t0
-    if last_saved != done:
-        snapshot(done)
-    eval_after = evaluate(student, data, eval_idx, teacher, **ev)  # type: ignore[arg-type]
-    logger.log({"event": "eval", "when": "after", "step": done, **eval_after})
-    logger.close()
-    return Stage2Report(
-        steps=total,
-        start_step=start,
-        epochs=int(rcfg.epochs),  # type: ignore[arg-type]
-        lr=float(rcfg.lr),  # type: ignore[arg-type]
-        tokens=tokens,
-        seconds=seconds,
-        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
-        eval_before=eval_before or {},
-        eval_after=eval_after,
-        final_loss=final_loss,
-        trainable={"tensors": len(params), "elements": sum(p.numel() for _, p in params)},
-        config=rcfg.to_dict(),
-        log_path=str(log_path) if log_path else None,
-        state_path=str(state_path) if state_path else None,
-        peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
-        world_size=world,
-    )
+    trainer = Stage2Trainer(student, data, teacher, cfg, state_dir=state_dir, resume=resume)
+    return trainer.run(progress=progress, on_step=on_step)
