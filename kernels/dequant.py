@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import torch
 
-from rqat_deploy.errors import BackendError, ShapeError
-from rqat_deploy.kernels.fake_quant import (  # raises BackendError when triton is missing
-    _MAX_GRID_Y,
-    _group_sum,
-    _load_groups,
+from rqat_deploy.errors import BackendError
+from rqat_deploy.kernels.common import (  # raises BackendError when triton is missing
     LaunchConfig,
-    _tile_offsets,
+    check_grid,
     check_tensors,
+    group_sum,
     interpreting,
     launch_config,
+    load_groups,
     run_on,
+    tile_offsets,
 )
 
 import triton  # noqa: E402  (after the import above, which explains a missing triton)
@@ -53,11 +53,11 @@ def _dequant_fwd_kernel(
 
         out = (s * (q.float() - z) - o).to(out_dtype)
     """
-    eoff, emask, poff, pmask = _tile_offsets(R, K, KG, BLOCK_R, NG, GS)
+    eoff, emask, poff, pmask = tile_offsets(R, K, KG, BLOCK_R, NG, GS)
     q = tl.load(q_ptr + eoff, mask=emask, other=0).to(tl.float32)  # [BLOCK_R, NG, GS]
-    s = _load_groups(s_ptr, poff, pmask, 0.0, BLOCK_R, NG, GS)
-    z = _load_groups(z_ptr, poff, pmask, 0.0, BLOCK_R, NG, GS)
-    o = _load_groups(o_ptr, poff, pmask, 0.0, BLOCK_R, NG, GS)
+    s = load_groups(s_ptr, poff, pmask, 0.0, BLOCK_R, NG, GS)
+    z = load_groups(z_ptr, poff, pmask, 0.0, BLOCK_R, NG, GS)
+    o = load_groups(o_ptr, poff, pmask, 0.0, BLOCK_R, NG, GS)
     out = s * (q - z) - o
     tl.store(out_ptr + eoff, out.to(out_ptr.dtype.element_ty), mask=emask)
 
@@ -75,12 +75,12 @@ def _dequant_bwd_kernel(
         grad_s = group_sum(g.float() * (q.float() - z), gs)   # [R, K/gs]
         grad_o = group_sum(-g.float(), gs)                    # [R, K/gs]
     """
-    eoff, emask, poff, pmask = _tile_offsets(R, K, KG, BLOCK_R, NG, GS)
+    eoff, emask, poff, pmask = tile_offsets(R, K, KG, BLOCK_R, NG, GS)
     g = tl.load(g_ptr + eoff, mask=emask, other=0.0).to(tl.float32)  # [BLOCK_R, NG, GS]
     q = tl.load(q_ptr + eoff, mask=emask, other=0).to(tl.float32)  # [BLOCK_R, NG, GS]
-    z = _load_groups(z_ptr, poff, pmask, 0.0, BLOCK_R, NG, GS)
-    tl.store(gs_ptr + poff, _group_sum(g * (q - z), BLOCK_R, NG, GS, LOG2_GS), mask=pmask)
-    tl.store(go_ptr + poff, _group_sum(-g, BLOCK_R, NG, GS, LOG2_GS), mask=pmask)
+    z = load_groups(z_ptr, poff, pmask, 0.0, BLOCK_R, NG, GS)
+    tl.store(gs_ptr + poff, group_sum(g * (q - z), BLOCK_R, NG, GS, LOG2_GS), mask=pmask)
+    tl.store(go_ptr + poff, group_sum(-g, BLOCK_R, NG, GS, LOG2_GS), mask=pmask)
 
 
 def _grid(
@@ -88,8 +88,7 @@ def _grid(
 ) -> tuple[LaunchConfig, tuple[int, int]]:
     cfg = launch_config(rows, k // gs, gs, interpreting(kernel), block_r, ng)
     grid = cfg.grid(rows, k // gs)
-    if grid[1] > _MAX_GRID_Y:
-        raise ShapeError(f"{what}: {k} columns need {grid[1]} column blocks, more than CUDA's {_MAX_GRID_Y}")
+    check_grid(what, grid, k)
     return cfg, grid
 
 
