@@ -1,4 +1,4 @@
-"""ONNX export for ONNX Runtime (``rqat-deploy export --format onnx``) and a small ORT generator.
+"""ONNX export for ONNX Runtime (``rqat-deploy export --format onnx``), verified in ONNX Runtime.
 
 How the export works (DESIGN.md 6):
 

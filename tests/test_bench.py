@@ -3,7 +3,6 @@ through llama.cpp (F32 GGUF) and transformers (the quantized checkpoint it was e
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import subprocess
@@ -316,37 +315,6 @@ def test_detect_and_load_errors(tmp_path: Path) -> None:
         load_runtime(str(tmp_path), "llama.cpp")
     with pytest.raises(ConfigError, match="not a GGUF"):
         load_runtime("m.gguf", "transformers")
-
-
-def _source(module: str) -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)
-    assert spec is not None and spec.origin is not None, module
-    return Path(spec.origin)
-
-
-def _rqat_imports(path: Path) -> list[tuple[str, str]]:
-    """(module, name) of every ``from rqat_deploy... import name`` (``import rqat_deploy.x``: name "")."""
-    out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rqat_deploy"):
-            out += [(node.module or "", a.name) for a in node.names]
-        elif isinstance(node, ast.Import):
-            out += [(a.name, "") for a in node.names if a.name.startswith("rqat_deploy")]
-    return out
-
-
-def test_import_arrows_of_serve_and_the_onnx_exporter() -> None:
-    # serve reads checkpoints and files only: never exporters or train; the ONNX exporter never serve;
-    # and no module takes another module's private names.
-    serve = sorted(_source("rqat_deploy.serve").parent.glob("*.py"))
-    checked = serve + [_source(f"rqat_deploy.{m}") for m in ("exporters.onnx", "data.grading", "data.thinking")]
-    for path in checked:
-        for module, name in _rqat_imports(path):
-            assert not name.startswith("_"), f"{path.name} imports the private {module}.{name}"
-            forbidden = ("rqat_deploy.exporters", "rqat_deploy.train") if path in serve else ("rqat_deploy.serve", "rqat_deploy.train")
-            assert not module.startswith(forbidden), f"{path.name} imports {module}"
 
 
 def test_runtime_modules_import_no_runtime_package() -> None:
