@@ -24,7 +24,7 @@ method, the mean accuracy over seeds with a 95 % t-interval over seeds (Wilson o
 RTN and the teacher), the mean thinking length, and the mean paired difference to ``C`` over seeds.
 
 Each run appends one JSON line to ``OUT/results.jsonl``; rerunning skips finished runs, so an
-interrupted replication resumes. The settings are :data:`rqat_deploy.train.run.BUILTIN_PRESET` (the
+interrupted replication resumes. The settings are :data:`rqat_deploy.train.recipes.BUILTIN_PRESET` (the
 defaults of ``rqat-deploy train`` without ``--model``); nothing here was tuned on held-out accuracy.
 """
 
@@ -65,7 +65,8 @@ def _evaluate(model_dir: Path | None, per_level: int) -> dict[str, Any]:
 def _train(out: Path, **kw: Any) -> dict[str, Any]:
     """One ``rqat-deploy train`` run on the built-in model; returns its stage reports."""
     from rqat_deploy.quant.spec import QuantSpec
-    from rqat_deploy.train.run import BUILTIN_PRESET, TrainConfig, run_train
+    from rqat_deploy.train.recipes import BUILTIN_PRESET
+    from rqat_deploy.train.run import TrainConfig, run_train
 
     bits = kw.pop("bits")
     cfg = TrainConfig(out=str(out), quant=QuantSpec(bits=bits), force=True, **(BUILTIN_PRESET | kw))

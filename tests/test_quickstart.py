@@ -15,7 +15,8 @@ from rqat_deploy.builtin import synth
 from rqat_deploy.cli import cli
 from rqat_deploy.errors import ConfigError
 from rqat_deploy.quant.spec import QuantSpec
-from rqat_deploy.train.run import BUILTIN_PRESET, TrainConfig, run_train
+from rqat_deploy.train.recipes import BUILTIN_PRESET
+from rqat_deploy.train.run import TrainConfig, run_train
 
 
 @pytest.fixture()

@@ -109,3 +109,11 @@ def test_bad_recipe_settings(tiny_qwen3_dir: Path, data_dir: Path, tmp_path: Pat
         run_train(_cfg(tiny_qwen3_dir, data_dir, tmp_path / "x", recipe="rtn", loss="C"), progress=False)
     with pytest.raises(ConfigError, match="calib-seq-len must be >= 1"):
         _cfg(tiny_qwen3_dir, data_dir, tmp_path / "x", calib_seq_len=0)
+
+
+def test_cli_recipe_choices_are_the_recipe_table() -> None:
+    from rqat_deploy.cli.commands import train
+    from rqat_deploy.train.recipes import RECIPES
+
+    choice = next(p for p in train.params if p.name == "recipe").type
+    assert tuple(choice.choices) == RECIPES

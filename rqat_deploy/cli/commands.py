@@ -152,7 +152,8 @@ def train(ctx: click.Context, **kw: Any) -> None:
       rqat-deploy train --config run.toml --resume      # continue after Ctrl-C
     """
     from rqat_deploy.quant.spec import QuantSpec
-    from rqat_deploy.train.run import BUILTIN_PRESET, TrainConfig, run_train
+    from rqat_deploy.train.recipes import BUILTIN_PRESET
+    from rqat_deploy.train.run import TrainConfig, run_train
 
     if kw["model"] is None:  # the built-in model: its own defaults where neither flag nor --config set one
         for name, value in BUILTIN_PRESET.items():

@@ -1,16 +1,7 @@
 """``rqat-deploy train``: turn a full-precision causal LM into a quantized checkpoint.
 
-A recipe (DESIGN.md 5, 9) is an initialisation followed by an optional stage 2:
-
-| recipe          | initialisation                     | stage 2 (scales only)                          |
-|-----------------|------------------------------------|------------------------------------------------|
-| `rtn`           | round-to-nearest                   | none                                           |
-| `gptq`          | GPTQ on calibration data           | none                                           |
-| `efficientqat`  | stage 1 (block-wise, Block-AP)     | plain CE (``C``)                               |
-| `rqat` (paper)  | stage 1 on the 80/20 mix           | reward-rectified CE + top-20 KL (``R+S``)      |
-| `rqat-released` | stage 1                            | CE + top-20 JSD (``C+J``), linear schedule, 1,024-token sequences, norms and lm_head train |
-| `reasoning-qat` | GPTQ                               | full-vocabulary KL (``F``)                     |
-
+:class:`TrainConfig` holds the resolved options; :func:`run_train` runs the recipe
+(:mod:`rqat_deploy.train.recipes`): the initialisation (RTN, GPTQ or stage 1), then stage 2.
 ``--loss`` replaces the stage-2 loss (the paper's ablations ``S``, ``R``, ``C``, ``C+S``, ``C+R``).
 
 Work in progress lives in ``<out>.work/``: stage 1 saves each finished block, the initialised
@@ -31,56 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from rqat_deploy import __version__
-from rqat_deploy.errors import ConfigError, OutputExistsError
-from rqat_deploy.errors import did_you_mean
+from rqat_deploy.errors import ConfigError, OutputExistsError, did_you_mean
 from rqat_deploy.quant.spec import QuantSpec
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What a recipe runs.
-
-    Attributes:
-        name: the recipe name.
-        init: ``rtn`` | ``gptq`` | ``stage1``.
-        loss: stage-2 loss terms (:mod:`rqat_deploy.train.losses`), or ``None`` for no stage 2.
-        stage2: further :class:`~rqat_deploy.train.stage2.Stage2Config` overrides.
-        train_seq_len: stage-2 sequence length override (the released code truncates at 1,024).
-    """
-
-    name: str
-    init: str
-    loss: str | None = None
-    stage2: dict[str, Any] = field(default_factory=dict)
-    train_seq_len: int | None = None
-
-
-RECIPE_TABLE: dict[str, Recipe] = {
-    "rqat": Recipe("rqat", "stage1", "R+S"),
-    "rqat-released": Recipe(
-        "rqat-released", "stage1", "C+J",
-        stage2={"schedule": "linear", "extra_trainable": ("*norm*", "lm_head.weight")}, train_seq_len=1024,
-    ),
-    "stage1": Recipe("stage1", "stage1"),
-    "rtn": Recipe("rtn", "rtn"),
-    "gptq": Recipe("gptq", "gptq"),
-    "efficientqat": Recipe("efficientqat", "stage1", "C"),
-    "reasoning-qat": Recipe("reasoning-qat", "gptq", "F"),
-}
-RECIPES = tuple(RECIPE_TABLE)
-
-#: Defaults for the built-in tiny reasoner (``--model`` not given): its sequences are ~100 tokens and
-#: it has 3.7 M parameters, so the paper's 4,096 x 2,048 calibration tokens and its learning rates
-#: (set for 1.5-32 B models) do not fit. Chosen on stage-2 validation loss, not on accuracy (README).
-BUILTIN_PRESET: dict[str, Any] = {
-    "calib_samples": 256,
-    "calib_seq_len": 512,
-    "train_samples": 2048,
-    "train_seq_len": 256,
-    "global_batch": 16,
-    "stage2_epochs": 1,
-    "stage2_lr": 1e-3,
-}
+from rqat_deploy.train.recipes import RECIPE_TABLE, RECIPES, Recipe
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,67 @@
+"""The recipes of ``rqat-deploy train`` (DESIGN.md 5, 9): an initialisation, then an optional stage 2.
+
+| recipe          | initialisation                     | stage 2 (scales only)                          |
+|-----------------|------------------------------------|------------------------------------------------|
+| `rtn`           | round-to-nearest                   | none                                           |
+| `gptq`          | GPTQ on calibration data           | none                                           |
+| `stage1`        | stage 1 (block-wise, Block-AP)     | none (the paper's "C" row)                     |
+| `efficientqat`  | stage 1                            | plain CE (``C``)                               |
+| `rqat` (paper)  | stage 1 on the 80/20 mix           | reward-rectified CE + top-20 KL (``R+S``)      |
+| `rqat-released` | stage 1                            | CE + top-20 JSD (``C+J``), linear schedule, 1,024-token sequences, norms and lm_head train |
+| `reasoning-qat` | GPTQ                               | full-vocabulary KL (``F``)                     |
+
+A new recipe is one :class:`Recipe` entry in :data:`RECIPE_TABLE` (and the CLI's ``--recipe``
+choices); a new initialisation or stage is a function that :mod:`rqat_deploy.train.run` dispatches on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe runs.
+
+    Attributes:
+        name: the recipe name.
+        init: ``rtn`` | ``gptq`` | ``stage1``.
+        loss: stage-2 loss terms (:mod:`rqat_deploy.train.losses`), or ``None`` for no stage 2.
+        stage2: further :class:`~rqat_deploy.train.stage2.Stage2Config` overrides.
+        train_seq_len: stage-2 sequence length override (the released code truncates at 1,024).
+    """
+
+    name: str
+    init: str
+    loss: str | None = None
+    stage2: dict[str, Any] = field(default_factory=dict)
+    train_seq_len: int | None = None
+
+
+RECIPE_TABLE: dict[str, Recipe] = {
+    "rqat": Recipe("rqat", "stage1", "R+S"),
+    "rqat-released": Recipe(
+        "rqat-released", "stage1", "C+J",
+        stage2={"schedule": "linear", "extra_trainable": ("*norm*", "lm_head.weight")}, train_seq_len=1024,
+    ),
+    "stage1": Recipe("stage1", "stage1"),
+    "rtn": Recipe("rtn", "rtn"),
+    "gptq": Recipe("gptq", "gptq"),
+    "efficientqat": Recipe("efficientqat", "stage1", "C"),
+    "reasoning-qat": Recipe("reasoning-qat", "gptq", "F"),
+}
+RECIPES = tuple(RECIPE_TABLE)
+
+#: Defaults for the built-in tiny reasoner (``--model`` not given): its sequences are ~100 tokens and
+#: it has 3.7 M parameters, so the paper's 4,096 x 2,048 calibration tokens and its learning rates
+#: (set for 1.5-32 B models) do not fit. Chosen on stage-2 validation loss, not on accuracy (README).
+BUILTIN_PRESET: dict[str, Any] = {
+    "calib_samples": 256,
+    "calib_seq_len": 512,
+    "train_samples": 2048,
+    "train_seq_len": 256,
+    "global_batch": 16,
+    "stage2_epochs": 1,
+    "stage2_lr": 1e-3,
+}
