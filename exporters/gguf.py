@@ -69,7 +69,7 @@ _LLAMA3_REGEX = (
 _PRE_BY_REGEX = {_QWEN2_REGEX: "qwen2", _LLAMA3_REGEX: "llama-bpe"}
 
 _FILE_TYPE = {  # gguf.LlamaFileType of the dominant weight type
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "BF16": 32,
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "BF16": 32, "Q2_0": 41,
 }
 
 

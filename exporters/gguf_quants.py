@@ -33,6 +33,8 @@ from typing import Callable
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from rqat_deploy.ggml_types import Q2_0_BYTES, QK2_0  # also teaches gguf the Q2_0 type
+
 from rqat_deploy.errors import ConfigError, ShapeError
 
 # block sizes from gguf's own constants table (weights per block, bytes per block)
@@ -48,6 +50,7 @@ __all__ = [
     "pack_q4_k",
     "pack_q4_0",
     "pack_q8_0",
+    "pack_q2_0",
     "dequant_q2_k_fields",
     "dequant_q3_k_fields",
     "dequant_q4_k_fields",
@@ -769,10 +772,39 @@ def _exact_fallback(
     return MappedTensor(GGMLQuantizationType.F32, w, None, True)
 
 
+def pack_q2_0(qcodes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Pack codes ``uint8 [rows, n]`` (0..3) and scales ``float16 [rows, n/64]`` into Q2_0 blocks.
+
+    Block (18 bytes, :mod:`rqat_deploy.ggml_types`)::
+
+        d  : fp16                     bytes 0..1
+        qs : 16 bytes, 4 codes each   weight j at bits 2*(j % 4) of byte 2 + j // 4
+
+    Returns:
+        ``uint8 [rows, n/64 * 18]``; decodes to ``d * (q - 1)``.
+    """
+    rows, n, nb = _rows_blocks(np.asarray(qcodes), QK2_0, "Q2_0")
+    q = _as_2d("qcodes", qcodes, np.uint8, (rows, n))
+    _check_range("qcodes", q, 0, 3)
+    d = _as_2d("d", d, np.float16, (rows, nb))
+    q4 = q.reshape(rows, nb, QK2_0 // 4, 4)  # [R, B, 16, 4]: weight 4*i + k
+    qs = q4[..., 0] | (q4[..., 1] << 2) | (q4[..., 2] << 4) | (q4[..., 3] << 6)  # [R, B, 16]
+    blocks = np.concatenate([_fp16_bytes(d[:, :, None]), qs.astype(np.uint8)], axis=2)  # [R, B, 18]
+    return blocks.reshape(rows, nb * Q2_0_BYTES)
+
+
+def _pack_q2_0_fields(f: dict[str, np.ndarray]) -> np.ndarray:
+    """Q2_0 from a q2_0-grid checkpoint's tensors (uniform layout, every zero point 1)."""
+    if f["zeros"].size and (f["zeros"].min() != 1 or f["zeros"].max() != 1):
+        raise ShapeError("Q2_0 holds zero point 1 only; this module's zeros differ (not a q2_0-grid checkpoint)")
+    return pack_q2_0(f["qcodes"], f["scales"])
+
+
 #: packers of the GGUF types a grid is stored in natively, from the checkpoint's tensors by name
 NATIVE_PACKERS: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {
     "Q2_K": lambda f: pack_q2_k(f["qcodes"], f["d"], f["dmin"], f["sub_scales"], f["sub_mins"]),
     "Q3_K": lambda f: pack_q3_k(f["qcodes"], f["d"], f["sub_scales"]),
+    "Q2_0": _pack_q2_0_fields,
 }
 
 

@@ -12,9 +12,27 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rqat_deploy.errors import ConfigError, ModelLoadError
+from rqat_deploy.ggml_types import Q2_0_FTYPE
 from rqat_deploy.serve.runtimes import Generation, Runtime, SamplingParams, import_backend, token_rate
 
 __all__ = ["LlamaCppRuntime"]
+
+
+#: the first llama-cpp-python whose llama.cpp runs GGUF Q2_0 (ggml type 42) tensors
+Q2_0_MIN_VERSION = "0.3.36"
+
+
+def _check_types_supported(llama_cpp: Any, model_path: str, meta: dict[str, Any]) -> None:
+    """Refuse a Q2_0 file on a llama-cpp-python too old to run Q2_0, naming the upgrade.
+
+    Raises:
+        ModelLoadError: the file's ``general.file_type`` is Q2_0 and llama-cpp-python lacks it.
+    """
+    if str(meta.get("general.file_type", "")) == str(Q2_0_FTYPE) and not hasattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_Q2_0"):
+        raise ModelLoadError(
+            f"{model_path} holds Q2_0 tensors (ggml type 42), which llama-cpp-python "
+            f"{getattr(llama_cpp, '__version__', '?')} cannot run: pip install 'llama-cpp-python>={Q2_0_MIN_VERSION}'"
+        )
 
 
 class LlamaCppRuntime(Runtime):
@@ -56,6 +74,7 @@ class LlamaCppRuntime(Runtime):
         except Exception as exc:
             raise ModelLoadError(f"llama.cpp cannot load {model_path!r}: {exc}") from exc
         meta = self._vocab_llm.metadata
+        _check_types_supported(llama_cpp, model_path, meta)
         arch = meta.get("general.architecture", "")
         self.n_ctx_train = int(meta.get(f"{arch}.context_length", 0) or 0) or None
         self.chat_template = meta.get("tokenizer.chat_template")

@@ -48,3 +48,43 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rqat_deploy.builtin.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", tie_word_embeddings=False)
+
+
+# --- ggml itself, through ctypes: the shared library inside llama-cpp-python (or RQAT_LIBGGML). ----------
+
+import ctypes  # noqa: E402
+import importlib.util  # noqa: E402
+
+
+def _load_libggml() -> ctypes.CDLL | None:
+    """libggml with ``ggml_quantize_chunk``: from ``RQAT_LIBGGML`` or llama_cpp's package dir."""
+    candidates: list[Path] = []
+    if os.environ.get("RQAT_LIBGGML"):
+        candidates.append(Path(os.environ["RQAT_LIBGGML"]))
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is not None and spec.origin is not None:
+        pkg = Path(spec.origin).parent
+        for pattern in ("libggml-base*", "ggml-base*.dll", "libggml.*", "ggml.dll"):
+            candidates += sorted(pkg.rglob(pattern))
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        if hasattr(lib, "ggml_quantize_chunk"):
+            fn = lib.ggml_quantize_chunk
+            fn.restype = ctypes.c_size_t
+            # (type, src, dst, start, nrows, n_per_row, imatrix)
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+            fn.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+            return lib
+    return None
+
+
+@pytest.fixture(scope="session")
+def libggml() -> ctypes.CDLL:
+    """ggml's own quantizers and dequantizers (skips when llama-cpp-python is not installed)."""
+    lib = _load_libggml()
+    if lib is None:
+        pytest.skip("llama-cpp-python is not installed (its libggml runs ggml's own quantizers)")
+    return lib

@@ -86,7 +86,7 @@ def f16(x: torch.Tensor) -> torch.Tensor:
 
 
 ACT_ROUNDING: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "Q2_K": q8_k, "Q3_K": q8_k, "Q4_K": q8_k, "Q4_0": q8_0, "Q8_0": q8_0, "F16": f16, "F32": lambda x: x,
+    "Q2_K": q8_k, "Q3_K": q8_k, "Q4_K": q8_k, "Q4_0": q8_0, "Q8_0": q8_0, "Q2_0": q8_0, "F16": f16, "F32": lambda x: x,
 }
 
 
@@ -123,6 +123,7 @@ CASES = {  # id: (tiny model fixture, bits, grid, gguf type)
     "qwen3-Q3_K": ("tiny_qwen3_dir", 3, "kquant", None),
     "qwen2-Q3_K": ("tiny_qwen2_dir", 3, "kquant", None),  # q/k/v biases
     "llama-Q4_0": ("tiny_llama_dir", 3, "uniform", "Q4_0"),  # exact uniform; untied output; rope rows
+    "qwen3-Q2_0": ("tiny_qwen3_dir", 2, "q2_0", None),  # llama.cpp's 2-bit type, activations to Q8_0
 }
 
 

@@ -7,9 +7,6 @@ libggml is called through ctypes), or when ``RQAT_LIBGGML`` names a libggml-base
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,31 +269,6 @@ GGML_TYPE_Q2_K, GGML_TYPE_Q3_K = 10, 11
 BLOCK_BYTES = {GGML_TYPE_Q2_K: 84, GGML_TYPE_Q3_K: 110}
 
 
-def _load_ggml() -> ctypes.CDLL | None:
-    """libggml with ``ggml_quantize_chunk``: from ``RQAT_LIBGGML`` or llama_cpp's package dir."""
-    candidates: list[Path] = []
-    if os.environ.get("RQAT_LIBGGML"):
-        candidates.append(Path(os.environ["RQAT_LIBGGML"]))
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is not None and spec.origin is not None:
-        pkg = Path(spec.origin).parent
-        for pattern in ("libggml-base*", "ggml-base*.dll", "libggml.*", "ggml.dll"):
-            candidates += sorted(pkg.rglob(pattern))
-    for path in candidates:
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError:
-            continue
-        if hasattr(lib, "ggml_quantize_chunk"):
-            fn = lib.ggml_quantize_chunk
-            fn.restype = ctypes.c_size_t
-            # (type, src, dst, start, nrows, n_per_row, imatrix)
-            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-            fn.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_void_p]
-            return lib
-    return None
-
-
 def _ggml_quantize(lib: ctypes.CDLL, w: torch.Tensor, ggml_type: int) -> np.ndarray:
     x = np.ascontiguousarray(w.numpy(), dtype=np.float32)
     out, k = x.shape
@@ -343,20 +315,12 @@ def _decode_q3_k(b: np.ndarray) -> dict[str, np.ndarray]:
     return {"sub_scales": sc.reshape(out, -1), "codes": codes.reshape(out, -1), "d": d}
 
 
-@pytest.fixture(scope="module")
-def ggml() -> ctypes.CDLL:
-    lib = _load_ggml()
-    if lib is None:
-        pytest.skip("llama-cpp-python is not installed (its libggml runs ggml's reference quantizer)")
-    return lib
-
-
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", list(MATRICES))
-def test_port_matches_ggml_bytes(ggml: ctypes.CDLL, name: str) -> None:
+def test_port_matches_ggml_bytes(libggml: ctypes.CDLL, name: str) -> None:
     w = _make(name)
     for bits, ggml_type, decode in ((2, GGML_TYPE_Q2_K, _decode_q2_k), (3, GGML_TYPE_Q3_K, _decode_q3_k)):
-        ref = decode(_ggml_quantize(ggml, w, ggml_type))
+        ref = decode(_ggml_quantize(libggml, w, ggml_type))
         p = PORTS[bits](w)
         assert np.array_equal(p.d.numpy().view(np.uint16), ref["d"]), f"Q{bits}_K d"
         assert np.array_equal(p.sub_scales.numpy().astype(np.int64), ref["sub_scales"]), f"Q{bits}_K scales"

@@ -102,8 +102,9 @@ def cli() -> None:
               type=click.Choice(["rqat", "rqat-released", "stage1", "rtn", "gptq", "efficientqat", "reasoning-qat"]),
               help="rqat: the paper (stage 1 + R+S scale training); stage1: calibration only; see README for the others.")
 @click.option("--bits", default=2, show_default=True, type=click.Choice(["2", "3", "4"]), help="Weight bit width.")
-@click.option("--grid", default="uniform", show_default=True, type=click.Choice(["uniform", "kquant"]),
-              help="uniform: asymmetric per-group (GPTQ / compressed-tensors exact); kquant: llama.cpp Q2_K/Q3_K (GGUF exact).")
+@click.option("--grid", default="uniform", show_default=True, type=click.Choice(["uniform", "kquant", "q2_0"]),
+              help="uniform: asymmetric per-group (GPTQ / compressed-tensors exact); kquant: llama.cpp Q2_K/Q3_K "
+                   "(GGUF exact); q2_0: llama.cpp Q2_0, 2 bits in groups of 64 (exact in GGUF and safetensors).")
 @click.option("--group-size", default=128, show_default=True, type=int, help="Uniform-grid group size.")
 @click.option("--exclude", multiple=True, help="Module-name pattern to keep in floating point (repeatable).")
 @click.option("--calib", default=None, help="Calibration SPEC 'source[:weight],...' or 'builtin' (default: OpenThoughts3:0.8,FineWeb-Edu:0.2; "
