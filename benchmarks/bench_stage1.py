@@ -118,7 +118,7 @@ def main() -> None:
         "rss_before_mib": round(rss0 / 2**20, 1),
         "activation_store_mib": round(rep.store_bytes / 2**20, 2),
         "blocks": [
-            {"block": b.index, "val_mse_rtn": b.val_loss_rtn, "val_mse": b.val_loss, "seconds": round(b.seconds, 3)}
+            {"block": b.index, "val_mse_rtn": b.val_loss_init, "val_mse": b.val_loss, "seconds": round(b.seconds, 3)}
             for b in rep.blocks
         ],
     }

@@ -40,6 +40,7 @@ from rqat_deploy.train.activations import (
     capture_layer_inputs,
     choose_store_mode,
     find_decoder_layers,
+    paired_batches,
     run_layer,
     store_nbytes,
 )
@@ -324,10 +325,10 @@ def _call_groups(block: nn.Module, names: list[str], x: torch.Tensor, inputs: La
 
 @torch.no_grad()
 def _hessians(
-    block: nn.Module, group: list[str], store: ActivationStore, inputs: LayerInputs, dev: torch.device, batch: int,
-    dtype: torch.dtype,
+    block: nn.Module, group: list[str], store: ActivationStore, idx: torch.Tensor, inputs: LayerInputs,
+    dev: torch.device, batch: int, dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """``2/n X^T X`` of the inputs of each Linear in ``group`` over every sample of ``store``."""
+    """``2/n X^T X`` of the inputs of each Linear in ``group`` over the samples ``idx`` of ``store``."""
     hs = {n: None for n in group}
     rows = {n: 0 for n in group}
     last = group[-1]
@@ -344,10 +345,9 @@ def _hessians(
 
     hooks = [block.get_submodule(n).register_forward_pre_hook(make(n)) for n in group]
     try:
-        for start in range(0, len(store), batch):
-            x = store.read(slice(start, min(start + batch, len(store)))).to(device=dev, dtype=dtype)
+        for _, (x,) in paired_batches([store], idx, batch):
             try:
-                run_layer(block, x, inputs)
+                run_layer(block, x.to(device=dev, dtype=dtype), inputs)
             except _Stop:
                 pass
     finally:
@@ -359,6 +359,70 @@ def _hessians(
         h = hs[n] if hs[n] is not None else torch.zeros(in_f, in_f, device=dev)
         out[n] = h * (2.0 / max(rows[n], 1))
     return out
+
+
+def gptq_block(
+    block: nn.Module,
+    names: list[str],
+    spec: QuantSpec,
+    store: ActivationStore,
+    inputs: LayerInputs,
+    *,
+    indices: torch.Tensor | None = None,
+    prefix: str = "",
+    device: torch.device,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    true_sequential: bool = True,
+    backend: str | None = None,
+    compare_rtn: bool = True,
+) -> list[GPTQLayerReport]:
+    """Quantize the Linears ``names`` of one decoder ``block`` (on ``device``) in place with GPTQ.
+
+    Args:
+        block: the decoder block, full precision.
+        names: its Linears to quantize, relative to the block.
+        spec: the grid.
+        store: the block's inputs, one sample per calibration sequence (e.g. the quantized
+            prefix's outputs); read, never written.
+        indices: the samples of ``store`` to calibrate on (default: all).
+        inputs: the block's other inputs (rotary tables, mask).
+        prefix: the block's name in the model, for the reports.
+        device, batch_size, dtype: where and how the block runs its forwards.
+        damp, block_size, act_order, compare_rtn, backend: as :func:`gptq_quantize` / :func:`gptq_linear`.
+        true_sequential: quantize Linears in call order (q/k/v, o, gate/up, down), each group seeing
+            the outputs of the groups already quantized.
+
+    Returns:
+        One :class:`GPTQLayerReport` per Linear.
+
+    Raises:
+        ConfigError: a Linear of ``names`` is already quantized.
+    """
+    idx = torch.arange(len(store)) if indices is None else indices
+    if true_sequential:
+        probe = store.read(idx[:1]).to(device=device, dtype=dtype)
+        groups = _call_groups(block, names, probe, inputs)
+    else:
+        groups = [names]
+    reports = []
+    for group in groups:
+        hs = _hessians(block, group, store, idx, inputs, device, batch_size, dtype)
+        for rel in group:
+            t1 = time.perf_counter()
+            lin = block.get_submodule(rel)
+            if not isinstance(lin, nn.Linear):
+                raise ConfigError(f"GPTQ needs the full-precision model, but {prefix}{rel} is {type(lin).__name__}")
+            ql, res = gptq_linear(
+                lin, hs.pop(rel), spec, name=prefix + rel, backend=backend,
+                damp=damp, block_size=block_size, act_order=act_order, compare_rtn=compare_rtn,
+            )
+            set_submodule(block, rel, ql)
+            reports.append(GPTQLayerReport(prefix + rel, res.output_mse, res.rtn_output_mse, time.perf_counter() - t1))
+    return reports
 
 
 def run_gptq(
@@ -434,27 +498,11 @@ def run_gptq(
             in_blocks.update(prefix + r for r in names)
             home = next(block.parameters()).device
             block.to(dev)
-            if true_sequential:
-                probe = st.read(slice(0, 1)).to(device=dev, dtype=dtype)
-                groups = _call_groups(block, names, probe, inputs)
-            else:
-                groups = [names]
-            for group in groups:
-                hs = _hessians(block, group, st, inputs, dev, batch_size, dtype)
-                for rel in group:
-                    t1 = time.perf_counter()
-                    lin = block.get_submodule(rel)
-                    if not isinstance(lin, nn.Linear):
-                        raise ConfigError(
-                            f"GPTQ needs the full-precision model, but {prefix}{rel} is {type(lin).__name__}"
-                        )
-                    ql, res = gptq_linear(
-                        lin, hs.pop(rel), spec, name=prefix + rel, backend=backend,
-                        damp=damp, block_size=block_size, act_order=act_order, compare_rtn=compare_rtn,
-                    )
-                    set_submodule(block, rel, ql)
-                    secs = time.perf_counter() - t1
-                    reports.append(GPTQLayerReport(prefix + rel, res.output_mse, res.rtn_output_mse, secs))
+            reports += gptq_block(
+                block, names, spec, st, inputs, prefix=prefix, device=dev, batch_size=batch_size, dtype=dtype,
+                damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential,
+                backend=backend, compare_rtn=compare_rtn,
+            )
             with torch.no_grad():
                 for start in range(0, n, batch_size):
                     sl = slice(start, min(start + batch_size, n))

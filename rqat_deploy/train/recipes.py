@@ -28,6 +28,7 @@ class Recipe:
         name: the recipe name.
         init: ``rtn`` | ``gptq`` | ``stage1``.
         loss: stage-2 loss terms (:mod:`rqat_deploy.train.losses`), or ``None`` for no stage 2.
+        stage1: :class:`~rqat_deploy.train.stage1.Stage1Config` overrides (``init``, ``loss_space``...).
         stage2: further :class:`~rqat_deploy.train.stage2.Stage2Config` overrides.
         train_seq_len: stage-2 sequence length override (the released code truncates at 1,024).
     """
@@ -35,6 +36,7 @@ class Recipe:
     name: str
     init: str
     loss: str | None = None
+    stage1: dict[str, Any] = field(default_factory=dict)
     stage2: dict[str, Any] = field(default_factory=dict)
     train_seq_len: int | None = None
 

@@ -52,6 +52,9 @@ class TrainConfig:
         init_from: a quantized checkpoint (same spec) to start stage 2 from instead of running the
             recipe's initialisation, e.g. one ``--recipe stage1`` result shared by several stage-2
             ablations.
+        stage1_options, stage2_options: :class:`~rqat_deploy.train.stage1.Stage1Config` /
+            :class:`~rqat_deploy.train.stage2.Stage2Config` fields set over the recipe's (library use
+            and ``--config`` files; e.g. ``{"loss_space": "block"}``).
         teacher_cache: precompute teacher top-k log-probs on disk (frees the teacher for stage 2).
         work_dir: where resumable state lives (default ``<out>.work``).
         keep_work: keep the work directory after success.
@@ -78,6 +81,8 @@ class TrainConfig:
     micro_batch: int = 1
     max_steps: int | None = None
     init_from: str | None = None
+    stage1_options: dict[str, Any] = field(default_factory=dict)
+    stage2_options: dict[str, Any] = field(default_factory=dict)
     teacher_cache: bool = True
     work_dir: str | None = None
     keep_work: bool = False
@@ -102,8 +107,9 @@ class TrainConfig:
 
     @property
     def plan(self) -> Recipe:
-        """The recipe with ``--loss`` applied."""
+        """The recipe with ``--loss`` and the stage options applied."""
         r = RECIPE_TABLE[self.recipe]
+        r = dataclasses.replace(r, stage1=r.stage1 | self.stage1_options, stage2=r.stage2 | self.stage2_options)
         if self.loss is not None:
             if r.loss is None:
                 raise ConfigError(f"--loss applies to recipes with a stage 2; {self.recipe!r} has none")
@@ -284,7 +290,8 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
     else:
         from rqat_deploy.train.stage1 import Stage1Config, run_stage1
 
-        s1 = Stage1Config(epochs=cfg.stage1_epochs, seed=cfg.seed, val_samples=min(64, max(1, cfg.calib_samples // 8)))
+        s1 = Stage1Config(epochs=cfg.stage1_epochs, seed=cfg.seed, val_samples=min(64, max(1, cfg.calib_samples // 8)),
+                          **cfg.plan.stage1)
         rep = run_stage1(student, cfg.quant, calib.input_ids, s1, work_dir=cfg.work_path / "stage1", device=cfg.device,
                          progress=progress, resume=cfg.resume, backend=cfg.backend)
     reports[cfg.plan.init] = _jsonable(rep)

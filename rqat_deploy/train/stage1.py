@@ -28,6 +28,7 @@ calibration set are held out from the same set. Like theirs, norm weights train 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -60,12 +61,15 @@ from rqat_deploy.files import atomic_write_json, staged_file
 from rqat_deploy.quant.qlinear import QuantLinear
 from rqat_deploy.quant.spec import QuantSpec
 from rqat_deploy.quant.surgery import select_linears, set_submodule
+from rqat_deploy.train.gptq import gptq_block
 from rqat_deploy.train.precision import autocast
 from rqat_deploy.train.schedule import lr_at
 
 STATE_VERSION = 1
 STAGE_DIR = "stage1"
 AUTOCAST = ("auto", "none", "bfloat16", "float16")
+INITS = ("rtn", "gptq")
+LOSS_SPACES = ("block", "next_norm")
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,15 @@ class Stage1Config:
         forward_batch_size: sequences per forward when computing targets, propagating the student
             stream and validating.
         log_every: write a step record to ``metrics.jsonl`` every this many steps.
+        init: how each block's quantization starts: ``"rtn"`` (round to nearest / the grid's search,
+            the paper) or ``"gptq"`` (GPTQ on the block's student inputs, then trained).
+        loss_space: where the block output is compared with the full-precision target:
+            ``"block"`` (the raw residual stream, the paper) or ``"next_norm"`` (after the next
+            block's input RMSNorm, the final norm for the last block: what the next layer reads). A
+            raw MSE is dominated by the few massive residual dimensions real LLMs carry from the
+            middle layers on (DESIGN.md 5); after the norm they weigh what the next layer gives them.
+        keep_better: after training a block, keep its initial parameters where training raised the
+            held-out block loss (so no block ends worse than its initialisation on held-out data).
     """
 
     epochs: int = 2
@@ -116,6 +129,9 @@ class Stage1Config:
     autocast: str = "auto"
     forward_batch_size: int = 8
     log_every: int = 10
+    init: str = "rtn"
+    loss_space: str = "block"
+    keep_better: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "val_samples"):
@@ -140,6 +156,10 @@ class Stage1Config:
             )
         if self.autocast not in AUTOCAST:
             raise ConfigError(f"stage-1 autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"stage-1 init must be one of {INITS}, got {self.init!r}")
+        if self.loss_space not in LOSS_SPACES:
+            raise ConfigError(f"stage-1 loss_space must be one of {LOSS_SPACES}, got {self.loss_space!r}")
 
     def resolved_weight_lr(self, bits: int) -> float:
         """The weight learning rate for ``bits`` (2e-5 at 2 bits, 1e-5 otherwise, unless set)."""
@@ -166,8 +186,9 @@ class BlockReport:
     Attributes:
         index, name: block index and module name.
         modules: quantized Linears of the block (relative names).
-        val_loss_rtn: validation MSE at the RTN / k-quant-search start.
-        val_loss: validation MSE after training.
+        val_loss_init: validation loss at the block's initialisation (RTN / search, or GPTQ).
+        val_loss: validation loss after training (the initialisation's where ``kept_init``).
+        kept_init: ``keep_better`` restored the initial parameters (training raised the loss).
         val_loss_epochs: validation MSE after each epoch.
         train_loss_epochs: mean training MSE of each epoch.
         train_loss_first, train_loss_last: MSE of the first and last step.
@@ -182,8 +203,9 @@ class BlockReport:
     index: int
     name: str
     modules: list[str]
-    val_loss_rtn: float
+    val_loss_init: float
     val_loss: float
+    kept_init: bool = False
     val_loss_epochs: list[float] = field(default_factory=list)
     train_loss_epochs: list[float] = field(default_factory=list)
     train_loss_first: float = float("nan")
@@ -438,19 +460,45 @@ def _propagate(
 @torch.no_grad()
 def _val_loss(
     block: nn.Module, q_store: ActivationStore, fp_store: ActivationStore, idx: torch.Tensor,
-    inputs: LayerInputs, device: torch.device, cfg: Stage1Config,
+    inputs: LayerInputs, device: torch.device, cfg: Stage1Config, space: nn.Module,
 ) -> float:
-    """Mean squared error of ``block`` on the student inputs ``idx`` against the targets."""
+    """Mean squared error of ``block`` on the student inputs ``idx`` against the targets, in ``space``."""
     if len(idx) == 0:
         return float("nan")
     sse, count = 0.0, 0
     for _, (x, y) in paired_batches([q_store, fp_store], idx, cfg.forward_batch_size):
-        y = y.to(device=device, dtype=torch.float32)
+        y = space(y.to(device=device, dtype=torch.float32))
         with autocast(device, _autocast_dtype(cfg)):
             out = run_layer(block, x.to(device=device, dtype=torch.float32), inputs)
-        sse += float((out.float() - y).square().sum(dtype=torch.float64))
+        sse += float((space(out.float()) - y).square().sum(dtype=torch.float64))
         count += y.numel()
     return sse / count
+
+
+def loss_space(model: nn.Module, layers: nn.ModuleList, k: int, space: str) -> nn.Module:
+    """Where block ``k``'s output is compared with its target (see ``Stage1Config.loss_space``).
+
+    Returns:
+        ``nn.Identity()`` for ``"block"``; for ``"next_norm"`` a frozen float32 copy of the norm the
+        next layer reads its input through: block ``k+1``'s ``input_layernorm``, or the model's
+        final norm after the last block.
+
+    Raises:
+        ConfigError: ``"next_norm"`` on a model whose blocks have no ``input_layernorm`` or no final norm.
+    """
+    if space == "block":
+        return nn.Identity()
+    if k + 1 < len(layers):
+        norm = getattr(layers[k + 1], "input_layernorm", None)
+    else:
+        base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+        norm = getattr(base, "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise ConfigError(
+            f"stage-1 loss_space 'next_norm' needs each decoder block's input_layernorm and a final norm; "
+            f"{type(model).__name__} has none after block {k}: use loss_space 'block'"
+        )
+    return copy.deepcopy(norm).float().requires_grad_(False)
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -484,13 +532,21 @@ def _train_block(
     device: torch.device,
     wd: _WorkDir,
     progress: bool,
+    space: nn.Module,
 ) -> BlockReport:
-    """Train the (fp32, on ``device``) quantized ``block``; return its report (losses, norms)."""
+    """Train the (fp32, on ``device``) quantized ``block``; return its report (losses, norms).
+
+    The loss is the MSE between the block's output and its target after ``space`` (identity, or the
+    next layer's norm); with ``cfg.keep_better`` the initial parameters come back where training
+    raised the held-out loss.
+    """
     quant_lr, weight_lr = cfg.quant_lr, cfg.resolved_weight_lr(spec.bits)
     groups, params = _param_groups(block, cfg, quant_lr, weight_lr)
     inputs = inputs.to(device, torch.float32)  # the block trains in fp32: rotary tables / mask too
-    val_rtn = _val_loss(block, q_store, fp_store, val_idx, inputs, device, cfg)
-    rep = BlockReport(index=k, name=name, modules=[], val_loss_rtn=val_rtn, val_loss=val_rtn)
+    space = space.to(device)
+    val_init = _val_loss(block, q_store, fp_store, val_idx, inputs, device, cfg, space)
+    rep = BlockReport(index=k, name=name, modules=[], val_loss_init=val_init, val_loss=val_init)
+    initial = [p.detach().clone() for p in params] if cfg.keep_better else []
     n_train = len(train_idx)
     per_epoch = math.ceil(n_train / cfg.batch_size) if n_train else 0
     total = cfg.epochs * per_epoch if groups else 0
@@ -514,7 +570,7 @@ def _train_block(
                 y = y.to(device=device, dtype=torch.float32, non_blocking=True)
                 with autocast(device, _autocast_dtype(cfg)):
                     out = run_layer(block, x, inputs)
-                loss = F.mse_loss(out.float(), y)
+                loss = F.mse_loss(space(out.float()), space(y))
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
                     raise NonFiniteError(
@@ -545,7 +601,7 @@ def _train_block(
                 step += 1
             _check_finite(block, f"block {k} ({name}), epoch {epoch}")
             rep.train_loss_epochs.append(sum(losses) / len(losses))
-            rep.val_loss_epochs.append(_val_loss(block, q_store, fp_store, val_idx, inputs, device, cfg))
+            rep.val_loss_epochs.append(_val_loss(block, q_store, fp_store, val_idx, inputs, device, cfg, space))
     finally:
         bar.close()
     rep.train_seconds = time.perf_counter() - t0
@@ -553,6 +609,11 @@ def _train_block(
     rep.grad_norm_mean = sum(norms) / len(norms)
     rep.grad_norm_max = max(norms)
     rep.val_loss = rep.val_loss_epochs[-1]
+    if initial and rep.val_loss > val_init:  # NaN (no held-out samples) compares False: keep the training
+        with torch.no_grad():
+            for p, p0 in zip(params, initial):
+                p.copy_(p0)
+        rep.val_loss, rep.kept_init = val_init, True
     return rep
 
 
@@ -697,7 +758,8 @@ def run_stage1(
         for k in tqdm(range(done, len(layers)), desc="stage 1", disable=not progress, leave=True):
             reports.append(
                 _stage1_block(layers[k], k, f"{layers_name}.{k}", block_names[k], fp_store, q_store, train_idx,
-                              val_idx, inputs, cfg, spec, dev, wd, backend, progress, model_dtype)
+                              val_idx, inputs, cfg, spec, dev, wd, backend, progress, model_dtype,
+                              loss_space(model, layers, k, cfg.loss_space))
             )
             if callback is not None:
                 callback({"event": "block_done", "block": k, "report": reports[-1]})
@@ -758,6 +820,7 @@ def _stage1_block(
     backend: str | None,
     progress: bool,
     model_dtype: torch.dtype,
+    space: nn.Module,
 ) -> BlockReport:
     """Targets, quantization, training, saving and student propagation of block ``k``."""
     t0 = time.perf_counter()
@@ -769,9 +832,14 @@ def _stage1_block(
     block.to(dev)
     _propagate(block, fp_store, inputs, dev, cfg.forward_batch_size, model_dtype)  # FP targets = FP inputs of k+1
     dtypes = {n: p.dtype for n, p in block.named_parameters()}
-    quantize_block(block, names, spec, backend)
+    if cfg.init == "gptq":  # GPTQ on the block's student inputs (training sequences only)
+        gptq_block(block, names, spec, q_store, inputs, indices=train_idx, prefix=f"{name}.", device=dev,
+                   batch_size=cfg.forward_batch_size, dtype=model_dtype, backend=backend, compare_rtn=False)
+    else:
+        quantize_block(block, names, spec, backend)
     block.float()
-    rep = _train_block(block, k, name, q_store, fp_store, train_idx, val_idx, inputs, cfg, spec, dev, wd, progress)
+    rep = _train_block(block, k, name, q_store, fp_store, train_idx, val_idx, inputs, cfg, spec, dev, wd, progress,
+                       space)
     rep.modules = list(names)
     block.requires_grad_(False)
     _restore_dtypes(block, dtypes)

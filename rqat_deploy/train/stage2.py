@@ -127,6 +127,13 @@ class Stage2Config:
             same result.
         tensorboard: also log to TensorBoard when it is installed and a log directory exists.
         log_path: JSONL metrics file; default ``state_dir/stage2_metrics.jsonl`` (none without a state dir).
+        relative_lr: scale each quantization parameter's learning rate by its grid's ratio
+            (:meth:`~rqat_deploy.quant.grids.GridQuantizer.scale_lr_ratios`: the k-quants' ``d`` /
+            ``dmin`` multiply integer sub-scales of ~10, so the same absolute AdamW step moves the
+            effective scales ~10x further, relatively, than the uniform grid's ``scale``).
+        keep_better: if training raised the held-out KL, end with the initial trainable tensors
+            (the report says so), so stage 2 never leaves the model farther from the teacher on
+            held-out data than it started.
     """
 
     epochs: int | None = None
@@ -157,6 +164,8 @@ class Stage2Config:
     gradient_checkpointing: bool = False
     tensorboard: bool = True
     log_path: str | None = None
+    relative_lr: bool = False
+    keep_better: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SHAPES:
@@ -229,6 +238,8 @@ class Stage2Report:
         log_path, state_path: files written (or ``None``).
         peak_memory_bytes: peak CUDA memory allocated (CUDA only; this process's device).
         world_size: processes that trained together (data parallel; 1 for a single process).
+        kept_initial: ``keep_better`` restored the initial tensors (training raised the held-out KL;
+            ``eval_after`` is then the initial model's).
     """
 
     steps: int
@@ -247,6 +258,7 @@ class Stage2Report:
     state_path: str | None = None
     peak_memory_bytes: int | None = None
     world_size: int = 1
+    kept_initial: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -602,9 +614,15 @@ class Stage2Trainer:
     def _make_optimizer(self) -> None:
         """AdamW over the trainable tensors; the schedule as a multiplier of ``lr`` (:func:`lr_at`, peak 1)."""
         c = self.cfg
+        ratios = _lr_ratios(self.student) if c.relative_lr else {}
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, p in self.params:
+            groups.setdefault(ratios.get(name, 1.0), []).append(p)
         self.optimizer = torch.optim.AdamW(
-            [p for _, p in self.params], lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay
+            [{"params": ps, "lr": c.lr * r} for r, ps in groups.items()],
+            lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
         )
+        self.initial = {n: p.detach().clone() for n, p in self.params} if c.keep_better else {}
         total, warmup = self.total, self.warmup
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -663,7 +681,14 @@ class Stage2Trainer:
         eval_after = self.evaluate()
         self.logger.log({"event": "eval", "when": "after", "step": self.done, **eval_after})
         self.logger.close()
-        return self._report(seconds, eval_after)
+        kept = bool(self.initial) and eval_after.get("kl", 0.0) > (self.eval_before or {}).get("kl", float("inf"))
+        if kept:  # training moved away from the teacher on held-out data: end where it started
+            named = dict(self.params)
+            with torch.no_grad():
+                for name, value in self.initial.items():
+                    named[name].copy_(value)
+            eval_after = dict(self.eval_before or {})
+        return dataclasses.replace(self._report(seconds, eval_after), kept_initial=kept)
 
     def _start_training(self) -> None:
         """The loss module (wrapped in DDP when data parallel), train mode, CUDA memory statistics."""
@@ -815,6 +840,15 @@ class Stage2Trainer:
             peak_memory_bytes=int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None,
             world_size=self.world,
         )
+
+
+def _lr_ratios(student: nn.Module) -> dict[str, float]:
+    """Learning-rate multipliers of the quantization parameters, by parameter name (``relative_lr``)."""
+    return {
+        f"{mod_name}.quantizer.{name}": ratio
+        for mod_name, mod in quant_linears(student)
+        for name, ratio in mod.quantizer.scale_lr_ratios().items()
+    }
 
 
 def _enable_gradient_checkpointing(student: nn.Module) -> None:
