@@ -188,7 +188,8 @@ FORMATS = ("gguf", "compressed-tensors", "gptq", "onnx")
 @click.option("--embed-type", default="F16", show_default=True, type=click.Choice(["F32", "F16", "BF16", "Q8_0"]),
               help="GGUF type of embeddings and the output matrix.")
 @click.option("--tokenizer-pre", default=None,
-              help="llama.cpp pre-tokenizer name (auto-detected: qwen2, llama-bpe, gpt2), e.g. deepseek-r1-qwen.")
+              help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre), e.g. qwen2, deepseek-r1-qwen, llama-bpe, gpt-2. "
+                   "Default: detected as llama.cpp's converter does (probe-text hash), else from the pre-tokenizer.")
 @click.option("--zero-point", default="v2", show_default=True, type=click.Choice(["v2", "v1"]),
               help="GPTQ zero-point convention (v1 refuses zero points of 0).")
 @click.option("--accuracy-level", default=None, type=int, help="ONNX MatMulNBits accuracy_level (4: int8 activations).")
