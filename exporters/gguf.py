@@ -6,7 +6,8 @@ tokens, chat template), every quantized Linear in its GGUF type (``exporters.ggu
 and biases in F32, embeddings / output in a float type of the user's choice. The file is written
 under a temporary name beside the output, read back with ``gguf.GGUFReader`` and decoded with
 ``gguf.quants.dequantize`` (an independent decoder), compared with the checkpoint's dequantized
-weights, and only then renamed to the output path. The export report (per-tensor type and relative
+weights, its vocabulary loaded in llama.cpp and its tokenization compared with Hugging Face's
+(``exporters.gguf_vocab``), and only then renamed to the output path. The export report (per-tensor type and relative
 weight error, fallbacks, totals) is stored in the file under ``rqat.export.report``.
 
 Library API (the CLI wires ``rqat-deploy export --format gguf`` and ``rqat-deploy inspect``)::
@@ -32,6 +33,7 @@ import numpy as np
 from rqat_deploy.errors import CheckpointError, ConfigError, ExportError
 from rqat_deploy.files import check_output, staged_file
 from rqat_deploy.exporters import gguf_quants as gq
+from rqat_deploy.exporters import gguf_vocab as gv
 
 if TYPE_CHECKING:
     from rqat_deploy.quant.grids import Grid
@@ -40,7 +42,6 @@ __all__ = [
     "EMBED_TYPES",
     "ExportReport",
     "TensorReport",
-    "detect_tokenizer_pre",
     "export_gguf",
     "format_inspect",
     "inspect_gguf",
@@ -56,17 +57,6 @@ TOTAL_ERROR_KEY = "rqat.export.total_rel_error"
 
 # HF model_type -> gguf architecture name (a key of gguf.MODEL_ARCH_NAMES values).
 _ARCHS = {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama"}
-
-# Pre-tokenizer regexes of tokenizer.json that map to a llama.cpp ``tokenizer.ggml.pre`` name.
-_QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_PRE_BY_REGEX = {_QWEN2_REGEX: "qwen2", _LLAMA3_REGEX: "llama-bpe"}
 
 _FILE_TYPE = {  # gguf.LlamaFileType of the dominant weight type
     "F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "BF16": 32, "Q2_0": 41,
@@ -121,6 +111,10 @@ class ExportReport:
         bits_per_weight: file-wide bits per element of all tensors.
         verified: the file was read back and checked.
         seconds: wall time of the export (verification included).
+        tokenizer_pre: the ``tokenizer.ggml.pre`` written.
+        tokenizer_pre_source: how it was chosen: ``given``, ``hash`` (llama.cpp's table of
+            pretrained tokenizers) or ``structure`` (the pre-tokenizer pipeline).
+        tokenizer_check: what verify-on-write found when llama.cpp tokenized the probe text.
     """
 
     path: str
@@ -138,6 +132,9 @@ class ExportReport:
     bits_per_weight: float = 0.0
     verified: bool = False
     seconds: float = 0.0
+    tokenizer_pre: str = ""
+    tokenizer_pre_source: str = ""
+    tokenizer_check: str = ""
 
     @property
     def exact(self) -> bool:
@@ -164,7 +161,10 @@ class ExportReport:
                 lines.append(f"  {t.name:32s} {t.qtype:5s} rel.err {t.rel_error:.3e}{'  exact' if t.exact else ''}")
         for name, why in self.fallbacks.items():
             lines.append(f"  fallback {name}: {why}")
+        lines.append(f"tokenizer.ggml.pre {self.tokenizer_pre} ({self.tokenizer_pre_source})")
         lines.append("verified: read back and decoded with gguf" if self.verified else "not verified (--no-verify)")
+        if self.tokenizer_check:
+            lines.append(f"tokenizer: {self.tokenizer_check}")
         return "\n".join(lines)
 
 
@@ -202,24 +202,6 @@ def resolve_gguf_type(grid: Grid, gguf_type: str | None) -> str:
     return gguf_type.upper()
 
 
-def detect_tokenizer_pre(tokenizer_json: dict[str, Any]) -> str | None:
-    """llama.cpp ``tokenizer.ggml.pre`` name of a byte-level BPE ``tokenizer.json``, or None.
-
-    Recognizes the Qwen2/Qwen3 pipeline (``qwen2``), Llama-3's (``llama-bpe``) and plain GPT-2
-    byte-level splitting (``gpt2``) from the pre-tokenizer definition.
-    """
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
-        return "gpt2"
-    if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
-        if steps[1].get("use_regex", True) or steps[0].get("behavior") != "Isolated":
-            return None
-        regex = (steps[0].get("pattern") or {}).get("Regex")
-        return _PRE_BY_REGEX.get(regex)
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +227,12 @@ def export_gguf(
             default for the checkpoint's grid and bit width.
         embed_type: type of the embeddings, the untied output matrix and any unquantized matrix:
             one of :data:`EMBED_TYPES`. Norms and biases are always F32.
-        tokenizer_pre: llama.cpp pre-tokenizer name; None = detect it from ``tokenizer.json``.
-        verify: read the file back and compare every tensor with the checkpoint (default on).
+        tokenizer_pre: llama.cpp pre-tokenizer name (one llama.cpp knows); None = detect it, by
+            llama.cpp's table of probe-text hashes, else by the pre-tokenizer pipeline
+            (:mod:`rqat_deploy.exporters.gguf_vocab`).
+        verify: read the file back and compare every tensor with the checkpoint, and load its
+            vocabulary in llama.cpp and compare its tokenization of a probe text with Hugging
+            Face's (skipped with a note without llama-cpp-python) (default on).
         force: overwrite an existing ``out_path``.
 
     Returns:
@@ -255,8 +241,10 @@ def export_gguf(
     Raises:
         OutputExistsError: ``out_path`` exists and ``force`` is false.
         CheckpointError: an invalid checkpoint.
-        ConfigError: an unknown architecture, type, or an undetectable pre-tokenizer.
-        ExportError: the written file does not decode to the checkpoint (the file is removed).
+        ConfigError: an unknown architecture, type, or an undetectable or unknown pre-tokenizer
+            (raised before anything is written).
+        ExportError: the written file does not decode to the checkpoint, or llama.cpp refuses its
+            vocabulary or tokenizes differently from Hugging Face (the file is removed).
     """
     import gguf
 
@@ -281,6 +269,7 @@ def export_gguf(
     report = ExportReport(
         path=str(out), arch=arch, gguf_type=qtype, embed_type=embed_type,
         bits=meta.bits, grid=meta.grid, group_size=meta.group_size,
+        tokenizer_pre=vocab.pre.name, tokenizer_pre_source=vocab.pre.source,
     )
     with staged_file(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
@@ -302,6 +291,7 @@ def export_gguf(
         writer.close()
         if verify:
             _verify(tmp, ckpt, report, arch, name_map)
+            report.tokenizer_check = gv.check_llamacpp_tokenization(tmp, vocab.hf_tokenizer, vocab.pre.name)
             report.verified = True
     report.file_size = out.stat().st_size
     report.bits_per_weight = _bits_per_weight(report, out)
@@ -484,12 +474,19 @@ def _totals(report: ExportReport, sums: list[tuple[float, float]]) -> None:
 class _Vocab:
     tokens: list[str]
     types: list[int]
-    pre: str
+    pre: gv.TokenizerPre
     n_rows: int
+    hf_tokenizer: Any
 
 
 def _read_vocab(path: Path, config: dict[str, Any], tokenizer_pre: str | None) -> _Vocab:
-    """Token list, token types and pre-tokenizer name of the checkpoint's tokenizer."""
+    """Token list, token types and pre-tokenizer name of the checkpoint's tokenizer.
+
+    Raises:
+        CheckpointError: no (loadable) ``tokenizer.json``, or more tokens than embedding rows.
+        ConfigError: not a BPE tokenizer, or no llama.cpp pre-tokenizer name (see
+            :func:`~rqat_deploy.exporters.gguf_vocab.resolve_tokenizer_pre`).
+    """
     import gguf
 
     tj_path = path / "tokenizer.json"
@@ -504,12 +501,8 @@ def _read_vocab(path: Path, config: dict[str, Any], tokenizer_pre: str | None) -
             f"{tj_path}: tokenizer model {model.get('type')!r} is not supported; the GGUF exporter writes "
             "byte-level BPE (gpt2-style) tokenizers"
         )
-    pre = tokenizer_pre or detect_tokenizer_pre(tj)
-    if pre is None:
-        raise ConfigError(
-            f"cannot tell llama.cpp's pre-tokenizer for {tj_path}: pass tokenizer_pre= (e.g. 'qwen2', "
-            "'deepseek-r1-qwen', 'llama-bpe') matching the model's tokenizer"
-        )
+    hf_tokenizer = gv.load_hf_tokenizer(path)
+    pre = gv.resolve_tokenizer_pre(hf_tokenizer, tokenizer_pre, path)
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
     cfg_added = _tokenizer_config(path).get("added_tokens_decoder", {})
@@ -528,7 +521,7 @@ def _read_vocab(path: Path, config: dict[str, Any], tokenizer_pre: str | None) -
         special = bool(a.get("special")) or (content.startswith("<|") and content.endswith("|>"))
         tokens[i] = content
         types[i] = int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-    return _Vocab(tokens, types, pre, n_rows)
+    return _Vocab(tokens, types, pre, n_rows, hf_tokenizer)
 
 
 def _tokenizer_config(path: Path) -> dict[str, Any]:
@@ -602,7 +595,7 @@ def _write_metadata(writer: Any, ckpt: Any, arch: str, qtype: str, report: Expor
     _rope_scaling(writer, sc)
     # tokenizer
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_tokenizer_pre(vocab.pre.name)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     special = gguf.SpecialVocab(ckpt.path, load_merges=True, n_vocab=vocab.n_rows)
@@ -617,7 +610,7 @@ def _write_metadata(writer: Any, ckpt: Any, arch: str, qtype: str, report: Expor
     writer.add_string("rqat.recipe", json.dumps(meta.recipe, sort_keys=True, default=str))
     writer.add_float64(TOTAL_ERROR_KEY, report.total_rel_error)
     stored = report.to_dict()
-    for k in ("path", "file_size", "bits_per_weight", "verified", "seconds"):
+    for k in ("path", "file_size", "bits_per_weight", "verified", "seconds", "tokenizer_check"):
         stored.pop(k)
     writer.add_string(REPORT_KEY, json.dumps(stored, sort_keys=True))
 

@@ -13,7 +13,10 @@ Two modes (DESIGN.md 9):
   without one follow the dataset's order), ``model`` (groups rows into models; default the file's
   name), ``seed``, and ``finish_reason`` / ``truncated`` / ``n_completion_tokens`` for truncation.
 
-Both write ``OUT/report.json``, ``OUT/report.md`` and PNG plots (see :mod:`rqat_deploy.serve.report`).
+With a reference model (``--reference``), each model's next-token distributions are also compared with
+the reference's over the dataset's prompts (mean KL and top-1 agreement; :mod:`rqat_deploy.serve.fidelity`
+defines the positions). Both write ``OUT/report.json``, ``OUT/report.md`` and PNG plots (see
+:mod:`rqat_deploy.serve.report`).
 A run is one :class:`BenchConfig` (checked when built), given to :func:`run_bench`.
 """
 
@@ -30,6 +33,7 @@ from rqat_deploy.data.evalset import EvalExample, load_eval_set
 from rqat_deploy.data.grading import GRADERS, grade_response, resolve_grader
 from rqat_deploy.data.thinking import DEFAULT_RESTART_PATTERNS, analyze_response, is_truncated
 from rqat_deploy.errors import ConfigError, DataError
+from rqat_deploy.serve.fidelity import compare_to_reference
 from rqat_deploy.serve.report import (
     compare_models,
     environment_info,
@@ -39,7 +43,7 @@ from rqat_deploy.serve.report import (
     summarize_model,
     write_report,
 )
-from rqat_deploy.serve.runtimes import RUNTIMES, DEFAULT_INSTRUCTION, Generation, SamplingParams, load_runtime
+from rqat_deploy.serve.runtimes import RUNTIMES, DEFAULT_INSTRUCTION, Generation, Runtime, SamplingParams, load_runtime
 
 __all__ = ["DEFAULT_SPEED_TEXT", "BenchConfig", "model_labels", "run_bench", "score_response"]
 
@@ -71,6 +75,9 @@ class BenchConfig:
         out_dir: output directory: ``report.json``, ``report.md``, plots, ``responses/`` (``--out``).
         baseline: label or path of the model the ratios are computed against (default the first)
             (``--baseline``).
+        reference: a model (GGUF file, model / checkpoint / export directory) each model's next-token
+            distributions are compared with over the dataset's prompts, in the runtime its file type
+            picks: ``kl_to_reference_mean`` and ``top1_agreement`` per model (``--reference``).
         compare: ask for the side-by-side comparison, which needs two or more models (``--compare``;
             the comparison is made whenever there are two or more).
         greedy: greedy decoding instead of sampling (``--greedy``).
@@ -113,6 +120,7 @@ class BenchConfig:
     seeds: int = 1
     out_dir: str | os.PathLike[str] = "bench"
     baseline: str | None = None
+    reference: str | None = None
     compare: bool = False
     greedy: bool = False
     temperature: float = 0.6
@@ -165,6 +173,13 @@ class BenchConfig:
             (self.speed_prompt_tokens >= 1, "speed_prompt_tokens", f"must be >= 1, got {self.speed_prompt_tokens}"),
             (self.speed_tokens >= 2, "speed_tokens", f"must be >= 2, got {self.speed_tokens}"),
             (self.speed_repeats >= 1, "speed_repeats", f"must be >= 1, got {self.speed_repeats}"),
+            (self.reference is None or not self.grade_only, "--reference",
+             "compares the models the bench runs; it cannot grade --responses (give --model)"),
+            (self.reference is None or self.dataset is not None, "--reference",
+             "needs --dataset: its prompts are the positions compared"),
+            (self.reference is None or self.runtime != "vllm", "--reference",
+             "needs full next-token distributions, which vLLM does not return (only top-k prompt log-probabilities); "
+             "use --runtime transformers or llama.cpp"),
         )
         for ok, flag, problem in checks:
             if not ok:
@@ -191,7 +206,7 @@ class BenchConfig:
         keys = (
             "runtime", "max_tokens", "seeds", "greedy", "temperature", "top_k", "top_p", "enable_thinking",
             "instruction", "grader", "restart_patterns", "speed", "speed_prompt_tokens", "speed_tokens",
-            "speed_repeats", "concurrency", "n_threads", "device", "runtime_options", "hashes", "limit",
+            "speed_repeats", "concurrency", "n_threads", "device", "runtime_options", "hashes", "limit", "reference",
         )
         out = {k: getattr(self, k) for k in keys}
         out["restart_patterns"] = list(self.restart_patterns)
@@ -309,6 +324,13 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="resp", disable=not enabled, dynamic_ncols=True)
 
 
+def _load_reference(cfg: BenchConfig) -> Runtime | None:
+    """The ``--reference`` model in the runtime its file type picks (None without one)."""
+    if cfg.reference is None:
+        return None
+    return load_runtime(cfg.reference, None, enable_thinking=cfg.enable_thinking, n_threads=cfg.n_threads, device=cfg.device)
+
+
 def _append_jsonl(fh: Any, obj: dict[str, Any]) -> None:
     fh.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
     fh.flush()
@@ -320,14 +342,17 @@ def _bench_model(
     examples: list[EvalExample],
     cfg: BenchConfig,
     responses_path: Path,
+    reference: Runtime | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Speed run and evaluation of one model; returns (summary, interrupted)."""
+    """Speed run, fidelity to ``reference`` (when given) and evaluation of one model; returns
+    (summary, interrupted)."""
     runtime = load_runtime(
         model, cfg.runtime, enable_thinking=cfg.enable_thinking, n_threads=cfg.n_threads, device=cfg.device,
         **cfg.runtime_options,
     )
     records: list[dict[str, Any]] = []
     speed_result = None
+    fidelity: dict[str, Any] = {}
     interrupted = False
     info: dict[str, Any] = {"path": str(model), "label": label}
     try:
@@ -340,6 +365,9 @@ def _bench_model(
                 n_tokens=cfg.speed_tokens, repeats=cfg.speed_repeats, warmup=1, concurrency=cfg.concurrency,
             )
         prompts = [runtime.render_prompt(ex.question, cfg.instruction) for ex in examples]
+        if reference is not None:
+            fidelity = compare_to_reference(runtime, reference, prompts)
+            fidelity["fidelity"].update(reference=cfg.reference, reference_runtime=reference.name)
         responses_path.parent.mkdir(parents=True, exist_ok=True)
         with open(responses_path, "w", encoding="utf-8") as fh, _progress(
             len(examples) * cfg.seeds, label, cfg.progress
@@ -362,7 +390,7 @@ def _bench_model(
     finally:
         info.update(runtime.describe())  # again: the context size is known only after generating
         runtime.close()
-    return summarize_model(records, speed=speed_result, info=info), interrupted
+    return {**summarize_model(records, speed=speed_result, info=info), **fidelity}, interrupted
 
 
 def _read_responses(paths: Sequence[str]) -> "OrderedDict[str, list[dict[str, Any]]]":
@@ -468,18 +496,25 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 records, info={"label": label, "responses": paths, "runtime": None, "thinking_tokenizer": cfg.tokenizer}
             )
     else:
-        for model, label in zip(cfg.models, model_labels(cfg.models)):
-            path = out / "responses" / f"{_safe(label)}.jsonl"
-            try:
-                summary, interrupted = _bench_model(model, label, examples or [], cfg, path)
-            except KeyboardInterrupt:  # while loading the model: report the models that finished
-                report["interrupted"] = True
-                break
-            summaries[label] = summary
-            report["responses_files"][label] = str(path.relative_to(out))
-            if interrupted:
-                report["interrupted"] = True
-                break
+        reference = _load_reference(cfg)
+        try:
+            if reference is not None:
+                report["reference"] = {**model_info(str(cfg.reference), hashes=cfg.hashes), **reference.describe()}
+            for model, label in zip(cfg.models, model_labels(cfg.models)):
+                path = out / "responses" / f"{_safe(label)}.jsonl"
+                try:
+                    summary, interrupted = _bench_model(model, label, examples or [], cfg, path, reference)
+                except KeyboardInterrupt:  # while loading the model: report the models that finished
+                    report["interrupted"] = True
+                    break
+                summaries[label] = summary
+                report["responses_files"][label] = str(path.relative_to(out))
+                if interrupted:
+                    report["interrupted"] = True
+                    break
+        finally:
+            if reference is not None:
+                reference.close()
     report["models"] = summaries
     if len(summaries) >= 2:
         report["compare"] = compare_models(summaries, _baseline_label(cfg.baseline, cfg.models, summaries))

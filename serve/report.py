@@ -6,8 +6,9 @@
 ``decode_tokens_per_s`` (medians of the speed runs, or of the evaluation generations when no speed
 run was made). Besides: the accuracy confidence interval over seeds, per-seed accuracies, restart
 counts, every raw per-response measurement (``raw``; the texts are in the responses JSONL), the
-speed repetitions, the model's files and sha256, the environment and package versions, and, with
-several models, ratios to a baseline (``compare``). Every file is written to a temporary name in the
+speed repetitions, the model's files and sha256, the environment and package versions, with
+several models, ratios to a baseline (``compare``), and, with ``--reference``, ``kl_to_reference_mean``
+and ``top1_agreement`` per model (with ``fidelity`` details) and the reference under ``reference``. Every file is written to a temporary name in the
 same directory and renamed, so a report is never half-written.
 """
 
@@ -476,6 +477,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if units:
         lines.append("")
         lines.append(f"Thinking tokens counted as: {', '.join(sorted(map(str, units)))}.")
+    lines += _fidelity_lines(report)
     comp = report.get("compare")
     if comp:
         lines += ["", f"## Ratios to `{comp['baseline']}`", ""]
@@ -494,6 +496,27 @@ def render_markdown(report: dict[str, Any]) -> str:
         if versions:
             lines.append("- packages: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     return "\n".join(lines) + "\n"
+
+
+def _fidelity_lines(report: dict[str, Any]) -> list[str]:
+    """The ``--reference`` section of ``report.md`` (empty without a reference)."""
+    ref = report.get("reference")
+    if not ref:
+        return []
+    lines = [
+        "", f"## Fidelity to `{ref.get('path')}` ({ref.get('runtime')})", "",
+        "Teacher-forced next-token predictions at every position of each rendered prompt; "
+        "KL(reference ‖ model) over the full vocabulary (float64); top-1 = same argmax.", "",
+        "| model | KL mean | KL median | KL max | top-1 agreement | positions |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, m in report.get("models", {}).items():
+        fid = m.get("fidelity") or {}
+        lines.append(
+            f"| `{label}` | {_fmt(m.get('kl_to_reference_mean'), 4)} | {_fmt(fid.get('kl_to_reference_median'), 4)} | "
+            f"{_fmt(fid.get('kl_to_reference_max'), 4)} | {_fmt(m.get('top1_agreement'), 4)} | {fid.get('n_positions', '–')} |"
+        )
+    return lines
 
 
 def _figure_png(fig: Any) -> bytes:

@@ -86,6 +86,8 @@ class LlamaCppRuntime(Runtime):
         self.think_ids = self._find_think_ids()
         self._llm: Any = None
         self._ctx_size = 0
+        self._logits_llm: Any = None  # a logits_all context, kept for the next logits() call
+        self._logits_ctx_size = 0
 
     def _token_text(self, token_id: Any) -> str | None:
         if token_id is None:
@@ -98,18 +100,20 @@ class LlamaCppRuntime(Runtime):
     def tokenize(self, text: str) -> list[int]:
         return list(self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
-    def _ensure_context(self, needed: int) -> Any:
+    def _context_size(self, needed: int) -> int:
+        """Context length for ``needed`` tokens: rounded up to 256 (at least 512), at most the
+        model's training context, or the fixed ``n_ctx``."""
         size = self._fixed_ctx or max(512, -(-needed // 256) * 256)
         if self.n_ctx_train and not self._fixed_ctx:
             size = min(size, self.n_ctx_train)
-        if self._llm is not None and self._ctx_size >= size:
-            return self._llm
-        if self._llm is not None:
-            self._llm.close()
-        kwargs: dict[str, Any] = {}
+        return size
+
+    def _new_llama(self, size: int, **extra: Any) -> Any:
+        """A full llama.cpp context of ``size`` tokens with this runtime's settings."""
+        kwargs: dict[str, Any] = dict(extra)
         if self.f32_kv_cache:
             kwargs["type_k"] = kwargs["type_v"] = self._lib.GGML_TYPE_F32
-        self._llm = self._lib.Llama(
+        return self._lib.Llama(
             model_path=self.model_path,
             n_ctx=size,
             n_batch=self.n_batch,
@@ -119,6 +123,14 @@ class LlamaCppRuntime(Runtime):
             verbose=False,
             **kwargs,
         )
+
+    def _ensure_context(self, needed: int) -> Any:
+        size = self._context_size(needed)
+        if self._llm is not None and self._ctx_size >= size:
+            return self._llm
+        if self._llm is not None:
+            self._llm.close()
+        self._llm = self._new_llama(size)
         self._ctx_size = size
         return self._llm
 
@@ -174,19 +186,26 @@ class LlamaCppRuntime(Runtime):
         )
 
     def logits(self, prompt_ids: Sequence[int]) -> Any:
-        """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy), for agreement tests."""
+        """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy): llama.cpp's per-token
+        scores of one ``eval`` of the ids in a ``logits_all`` context (kept for later calls and
+        re-created when a longer prompt comes).
+
+        Raises:
+            ConfigError: the prompt is longer than the model's context.
+        """
         import numpy as np
 
-        llm = self._lib.Llama(
-            model_path=self.model_path, n_ctx=max(512, len(prompt_ids)), logits_all=True,
-            n_threads=self.n_threads, verbose=False,
-            **({"type_k": self._lib.GGML_TYPE_F32, "type_v": self._lib.GGML_TYPE_F32} if self.f32_kv_cache else {}),
-        )
-        try:
-            llm.eval(list(prompt_ids))
-            return np.array(llm.scores[: len(prompt_ids)], dtype=np.float32)
-        finally:
-            llm.close()
+        size = self._context_size(len(prompt_ids))
+        if len(prompt_ids) > size:
+            raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) is longer than the model's context ({size}); shorten it")
+        if self._logits_llm is None or self._logits_ctx_size < size:
+            if self._logits_llm is not None:
+                self._logits_llm.close()
+            self._logits_llm, self._logits_ctx_size = self._new_llama(size, logits_all=True), size
+        llm = self._logits_llm
+        llm.reset()
+        llm.eval(list(prompt_ids))
+        return np.array(llm.scores[: len(prompt_ids)], dtype=np.float32)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -203,7 +222,8 @@ class LlamaCppRuntime(Runtime):
         }
 
     def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        for llm in (self._llm, self._logits_llm):
+            if llm is not None:
+                llm.close()
+        self._llm = self._logits_llm = None
         self._vocab_llm.close()

@@ -468,7 +468,7 @@ class OnnxRuntime(Runtime):
         return Generation.timed_from_first_token(text, ids, len(prompt_ids), out.finish_reason, out.ttft_s, out.total_s, n_gen - 1)
 
     def logits(self, prompt_ids: Sequence[int]) -> Any:
-        """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy), for agreement tests."""
+        """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy); see :meth:`Runtime.logits`."""
         return self.model.logits(list(prompt_ids))
 
     def describe(self) -> dict[str, Any]:

@@ -176,7 +176,7 @@ class TransformersRuntime(Runtime):
         return Generation.timed_from_first_token(text, ids, len(prompt_ids), finish, ttft, total, n_gen - 1)
 
     def logits(self, prompt_ids: Sequence[int]) -> Any:
-        """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy), for agreement tests."""
+        """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy); see :meth:`Runtime.logits`."""
         torch = self._torch
         with torch.inference_mode():
             ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)

@@ -8,7 +8,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from rqat_deploy.data.chat import ends_in_thinking
-from rqat_deploy.errors import BackendError, ModelLoadError
+from rqat_deploy.errors import BackendError, ConfigError, ModelLoadError
 from rqat_deploy.serve.runtimes import Generation, GenerationInterrupted, Runtime, SamplingParams, import_backend
 
 __all__ = ["VLLMRuntime"]
@@ -123,6 +123,20 @@ class VLLMRuntime(Runtime):
         outs, wall = self._run([prompt_ids] * concurrency, params)
         generated = sum(len(o.outputs[0].token_ids) for o in outs)
         return {"concurrency": concurrency, "seconds": wall, "generated_tokens": generated, "tokens_per_s": generated / wall}
+
+    def logits(self, prompt_ids: Sequence[int]) -> Any:
+        """Not available: vLLM returns prompt log-probabilities only for the top-k tokens of each
+        position (``SamplingParams(prompt_logprobs=k)``, k capped by ``max_logprobs``, 20 by default),
+        not the full next-token distributions that ``bench --reference`` compares.
+
+        Raises:
+            ConfigError: always, naming the runtimes that can.
+        """
+        raise ConfigError(
+            "the vllm runtime cannot give --reference full next-token distributions (vLLM returns top-k prompt "
+            "log-probabilities only); bench the same model with --runtime transformers (model directory, "
+            "checkpoint, compressed-tensors export) or --runtime llama.cpp (GGUF)"
+        )
 
     def describe(self) -> dict[str, Any]:
         import torch

@@ -280,6 +280,20 @@ class Runtime(abc.ABC):
             raise GenerationInterrupted(results) from exc
         return results
 
+    # -- logits ------------------------------------------------------------------------------------
+
+    def logits(self, prompt_ids: Sequence[int]) -> Any:
+        """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy) of one teacher-forced pass:
+        row ``i`` is the next-token distribution after ``prompt_ids[: i + 1]`` (``bench --reference``).
+
+        Raises:
+            ConfigError: this runtime does not expose logits.
+        """
+        raise ConfigError(
+            f"the {self.name} runtime does not expose per-token logits, which --reference needs; bench the model "
+            "with --runtime llama.cpp (GGUF), transformers or onnxruntime"
+        )
+
     # -- speed -------------------------------------------------------------------------------------
 
     def _speed_prompt(self, prompt: str, n_prompt_tokens: int) -> list[int]:

@@ -231,10 +231,15 @@ def test_unknown_pre_tokenizer_needs_a_name(ckpts: dict[str, Path], tmp_path: Pa
     tj = json.loads((ck / "tokenizer.json").read_text())
     tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\S+"
     (ck / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.loads((ck / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers' Qwen2Tokenizer would impose Qwen's split
+    (ck / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="tokenizer_pre"):
         export_gguf(ck, tmp_path / "m.gguf")
-    export_gguf(ck, tmp_path / "m.gguf", tokenizer_pre="gpt2")
-    assert _field(gguf.GGUFReader(tmp_path / "m.gguf"), "tokenizer.ggml.pre") == "gpt2"
+    with pytest.raises(ConfigError, match="gpt-2"):  # "gpt2" is not llama.cpp's name: it refuses the file
+        export_gguf(ck, tmp_path / "m.gguf", tokenizer_pre="gpt2")
+    export_gguf(ck, tmp_path / "m.gguf", tokenizer_pre="gpt-2", verify=False)  # no llama.cpp split matches \s+|\S+
+    assert _field(gguf.GGUFReader(tmp_path / "m.gguf"), "tokenizer.ggml.pre") == "gpt-2"
 
 
 def test_fallbacks_listed(tiny_qwen3_dir: Path, tmp_path: Path) -> None:

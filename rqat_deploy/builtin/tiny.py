@@ -9,6 +9,9 @@ and export code paths on models that take milliseconds to run:
   the same builder on its own corpus. Its pipeline is the one of Qwen2 / Qwen3's ``tokenizer.json`` (NFC,
   Split(Qwen2 regex, isolated) + ByteLevel(use_regex=False), ByteLevel decoder, no BOS), so that
   llama.cpp, told ``tokenizer.ggml.pre = "qwen2"``, tokenizes exactly like Hugging Face.
+  ``style="gpt2"`` trains a plain GPT-2-style byte-level BPE instead (no normalizer,
+  ``ByteLevel(use_regex=True)``: GPT-2's own split; llama.cpp's ``gpt-2``), with the same added
+  tokens and chat template.
 - :func:`build_tiny_model` saves a randomly initialised causal LM (float32 safetensors, tokenizer,
   chat template, ``generation_config.json``) whose decoder Linear input sizes are multiples of 256,
   so llama.cpp k-quants (``QK_K = 256``) apply to every one of them.
@@ -36,6 +39,7 @@ __all__ = [
     "QWEN2_PRETOKENIZE_REGEX",
     "SPECIAL_TOKENS",
     "THINK_TOKENS",
+    "TOKENIZER_STYLES",
     "build_tiny_model",
     "build_tokenizer",
     "synthetic_corpus",
@@ -61,6 +65,11 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"
 #: ``decode(skip_special_tokens=True)`` and llama.cpp's detokenizer (which drops CONTROL tokens), so
 #: thinking lengths can be measured on generated text. We do the same.
 THINK_TOKENS: tuple[str, ...] = ("<think>", "</think>")
+
+#: Pre-tokenizer pipelines :func:`train_bpe` can train -> the ``tokenizer_class`` written for it
+#: (transformers 5's ``Qwen2Tokenizer`` imposes Qwen's split whatever ``tokenizer.json`` says, so a
+#: GPT-2-style file is read with ``GPT2Tokenizer``, which keeps GPT-2's).
+TOKENIZER_STYLES: dict[str, str] = {"qwen2": "Qwen2Tokenizer", "gpt2": "GPT2Tokenizer"}
 
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
@@ -196,35 +205,44 @@ def synthetic_corpus(n_docs: int = _CORPUS_DOCS, seed: int = _CORPUS_SEED) -> li
     return [makers[i % len(makers)](rng) for i in range(n_docs)]
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
-    """Train the Qwen-style byte-level BPE on ``texts`` and return its ``tokenizer.json`` text.
+def _pipeline(style: str) -> tuple[Any, Any]:
+    """(normalizer, pre-tokenizer) of a :data:`TOKENIZER_STYLES` style."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
 
-    The pipeline is Qwen2 / Qwen3's (module docstring). :data:`SPECIAL_TOKENS` and
+    if style not in TOKENIZER_STYLES:
+        raise ConfigError(f"unknown tokenizer style {style!r}; choose one of {list(TOKENIZER_STYLES)}")
+    if style == "gpt2":  # GPT-2's tokenizer.json: no normalizer, ByteLevel splitting with its own regex
+        return None, pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    split = pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    return normalizers.NFC(), pre_tokenizers.Sequence([split, byte_level])
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, style: str = "qwen2") -> str:
+    """Train the byte-level BPE on ``texts`` and return its ``tokenizer.json`` text.
+
+    The pipeline is Qwen2 / Qwen3's (module docstring), or GPT-2's with ``style="gpt2"``. :data:`SPECIAL_TOKENS` and
     :data:`THINK_TOKENS` are cut out of the texts before training, so they never take part in a
     merge, and are added after the BPE vocabulary (the last 5 ids), as in Qwen's tokenizer.
 
     Args:
         texts: the training corpus (rendered chat text may hold the added tokens).
         vocab_size: total size, the 5 added tokens included.
+        style: a key of :data:`TOKENIZER_STYLES`.
 
     Returns:
         The serialised tokenizer, exactly as ``tokenizers`` writes it.
 
     Raises:
-        ConfigError: the corpus yields fewer BPE tokens than ``vocab_size`` needs.
+        ConfigError: an unknown style, or the corpus yields fewer BPE tokens than ``vocab_size`` needs.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     added = SPECIAL_TOKENS + THINK_TOKENS
     tok = Tokenizer(models.BPE(dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
+    normalizer, tok.pre_tokenizer = _pipeline(style)
+    if normalizer is not None:
+        tok.normalizer = normalizer
     tok.decoder = decoders.ByteLevel()
     # Qwen's post-processor: touches offsets only, adds no BOS/EOS.
     tok.post_processor = processors.ByteLevel(
@@ -252,19 +270,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _synthetic_tokenizer_json(vocab_size: int) -> str:
-    """:func:`train_bpe` on :func:`synthetic_corpus`, once per process and size."""
-    return train_bpe(synthetic_corpus(), vocab_size)
+def _synthetic_tokenizer_json(vocab_size: int, style: str = "qwen2") -> str:
+    """:func:`train_bpe` on :func:`synthetic_corpus`, once per process, size and style."""
+    return train_bpe(synthetic_corpus(), vocab_size, style)
 
 
-def _tokenizer_config(vocab_size: int) -> dict[str, Any]:
-    """The ``tokenizer_config.json`` of the tiny tokenizer, shaped like Qwen3's."""
+def _tokenizer_config(vocab_size: int, style: str = "qwen2") -> dict[str, Any]:
+    """The ``tokenizer_config.json`` of the tiny tokenizer, shaped like Qwen3's (the class of ``style``)."""
     added = [(t, True) for t in SPECIAL_TOKENS] + [(t, False) for t in THINK_TOKENS]
     first_id = vocab_size - len(added)
     return {
         # Qwen3's class: transformers 4.x maps it to Qwen2TokenizerFast (reads tokenizer.json),
         # transformers 5.x to its tokenizers-backed Qwen2Tokenizer.
-        "tokenizer_class": "Qwen2Tokenizer",
+        "tokenizer_class": TOKENIZER_STYLES[style],
         "bos_token": None,
         "eos_token": EOS_TOKEN,
         "pad_token": PAD_TOKEN,
@@ -290,16 +308,19 @@ def _tokenizer_config(vocab_size: int) -> dict[str, Any]:
     }
 
 
-def _write_tokenizer_files(out_dir: Path, tokenizer_json: str, vocab_size: int) -> None:
+def _write_tokenizer_files(out_dir: Path, tokenizer_json: str, vocab_size: int, style: str = "qwen2") -> None:
     """Write ``tokenizer.json`` (exactly as ``tokenizers`` serialises it) and ``tokenizer_config.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    text = json.dumps(_tokenizer_config(vocab_size), indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(_tokenizer_config(vocab_size, style), indent=2, ensure_ascii=False) + "\n"
     (out_dir / "tokenizer_config.json").write_text(text, encoding="utf-8")
 
 
 def build_tokenizer(
-    out_dir: Path | None = None, vocab_size: int = _VOCAB_SIZE_DEFAULT, corpus: Sequence[str] | None = None
+    out_dir: Path | None = None,
+    vocab_size: int = _VOCAB_SIZE_DEFAULT,
+    corpus: Sequence[str] | None = None,
+    style: str = "qwen2",
 ) -> PreTrainedTokenizerFast:
     """Build a Qwen-style byte-level BPE tokenizer (deterministic, offline).
 
@@ -316,6 +337,8 @@ def build_tokenizer(
         vocab_size: total number of tokens, the 5 added tokens included (512 .. 1152 with the
             built-in corpus).
         corpus: the texts to train on; ``None`` = :func:`synthetic_corpus` (cached per process).
+        style: the pre-tokenizer pipeline, a key of :data:`TOKENIZER_STYLES` (``"gpt2"``: a plain
+            GPT-2-style byte-level BPE, read with ``GPT2Tokenizer``).
 
     Returns:
         A fast tokenizer (``Qwen2Tokenizer`` class, as Qwen3's): eos ``<|im_end|>``, pad
@@ -333,12 +356,14 @@ def build_tokenizer(
         )
     from transformers import AutoTokenizer
 
-    tokenizer_json = _synthetic_tokenizer_json(vocab_size) if corpus is None else train_bpe(corpus, vocab_size)
+    tokenizer_json = (
+        _synthetic_tokenizer_json(vocab_size, style) if corpus is None else train_bpe(corpus, vocab_size, style)
+    )
     if out_dir is not None:
-        _write_tokenizer_files(Path(out_dir), tokenizer_json, vocab_size)
+        _write_tokenizer_files(Path(out_dir), tokenizer_json, vocab_size, style)
         return AutoTokenizer.from_pretrained(str(out_dir))
     with tempfile.TemporaryDirectory(prefix="rqat-tiny-tok-") as tmp:
-        _write_tokenizer_files(Path(tmp), tokenizer_json, vocab_size)
+        _write_tokenizer_files(Path(tmp), tokenizer_json, vocab_size, style)
         return AutoTokenizer.from_pretrained(tmp)
 
 
@@ -421,6 +446,7 @@ def build_tiny_model(
     seed: int = 0,
     init_std: float = 0.04,
     max_position_embeddings: int = 4096,
+    tokenizer_style: str = "qwen2",
 ) -> Path:
     """Build and save a tiny random causal LM with the tiny tokenizer (deterministic, offline).
 
@@ -440,6 +466,7 @@ def build_tiny_model(
         seed: seed of the weight initialisation; same seed, same weights.
         init_std: standard deviation of matrices and embeddings.
         max_position_embeddings: context length written to the config.
+        tokenizer_style: the tokenizer's pre-tokenizer pipeline (:data:`TOKENIZER_STYLES`).
 
     Returns:
         ``out_dir``, holding ``config.json``, ``generation_config.json``, ``model.safetensors``
@@ -459,7 +486,7 @@ def build_tiny_model(
     if vocab_size < n_tok:
         raise ConfigError(f"vocab_size={vocab_size} is smaller than the tokenizer ({n_tok}); use >= {n_tok}")
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(out_dir, n_tok)  # writes tokenizer.json + tokenizer_config.json
+    tokenizer = build_tokenizer(out_dir, n_tok, style=tokenizer_style)  # writes tokenizer.json + tokenizer_config.json
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     common: dict[str, Any] = {

@@ -189,7 +189,8 @@ FORMATS = ("gguf", "compressed-tensors", "gptq", "onnx")
 @click.option("--embed-type", default="F16", show_default=True, type=click.Choice(["F32", "F16", "BF16", "Q8_0"]),
               help="GGUF type of embeddings and the output matrix.")
 @click.option("--tokenizer-pre", default=None,
-              help="llama.cpp pre-tokenizer name (auto-detected: qwen2, llama-bpe, gpt2), e.g. deepseek-r1-qwen.")
+              help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre), e.g. qwen2, deepseek-r1-qwen, llama-bpe, gpt-2. "
+                   "Default: detected as llama.cpp's converter does (probe-text hash), else from the pre-tokenizer.")
 @click.option("--zero-point", default="v2", show_default=True, type=click.Choice(["v2", "v1"]),
               help="GPTQ zero-point convention (v1 refuses zero points of 0).")
 @click.option("--accuracy-level", default=None, type=int, help="ONNX MatMulNBits accuracy_level (4: int8 activations).")
@@ -253,6 +254,12 @@ def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type:
                    "fallback; report.json names the grader of every score.")
 @click.option("--compare", is_flag=True, help="Side-by-side table of 2+ models with ratios to --baseline.")
 @click.option("--baseline", default=None, help="Label or path of the baseline model (default: the first).")
+@click.option("--reference", default=None,
+              help="Model to measure fidelity against (GGUF file, model / checkpoint / export dir; runtime by file type): "
+                   "per model, kl_to_reference_mean = mean KL(reference || model) over the full vocabulary (float64) "
+                   "and top1_agreement = fraction of same argmax, at every teacher-forced next-token position of "
+                   "each rendered prompt (same ids fed to both; the vocabularies must match). Needs --dataset; "
+                   "not with --runtime vllm.")
 @click.option("--no-speed", is_flag=True, help="Skip the latency / throughput measurements.")
 @click.option("--concurrency", default=1, show_default=True, type=int, help="Parallel requests for the throughput test.")
 @click.option("--threads", default=None, type=int, help="CPU threads for llama.cpp / torch.")
@@ -261,8 +268,8 @@ def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type:
 def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, limit: int | None, max_tokens: int,
           runtime: str | None, seeds: int, greedy: bool, temperature: float, top_k: int, top_p: float,
           no_thinking: bool, question_field: str | None, answer_field: str | None, grader: str, compare: bool,
-          baseline: str | None, no_speed: bool, concurrency: int, threads: int | None, device: str | None,
-          out: str) -> None:
+          baseline: str | None, reference: str | None, no_speed: bool, concurrency: int, threads: int | None,
+          device: str | None, out: str) -> None:
     """Measure speed, accuracy and thinking-token length; write report.json, report.md and plots.
 
     \b
@@ -270,6 +277,7 @@ def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, l
       rqat-deploy bench --model model-q2k.gguf --dataset ../shared/data/gsm8k_test.jsonl --limit 20
       rqat-deploy bench --model tiny-int2.gguf --dataset builtin --greedy --max-tokens 256
       rqat-deploy bench --model teacher/ --model ckpt-int2 --compare --dataset math500 --seeds 3
+      rqat-deploy bench --model ckpt-int2 --model int2.gguf --reference teacher/ --dataset builtin --no-speed
       rqat-deploy bench --responses answers.jsonl --dataset ../shared/data/math500_test.jsonl --out graded
     """
     import dataclasses
@@ -279,7 +287,7 @@ def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, l
 
     cfg = BenchConfig(
         models=models, dataset=dataset, responses=responses, limit=limit, max_tokens=max_tokens,
-        runtime=runtime, seeds=seeds, out_dir=out, baseline=baseline, compare=compare, greedy=greedy,
+        runtime=runtime, seeds=seeds, out_dir=out, baseline=baseline, reference=reference, compare=compare, greedy=greedy,
         temperature=temperature, top_k=top_k, top_p=top_p, enable_thinking=not no_thinking,
         question_field=question_field, answer_field=answer_field, grader=grader, speed=not no_speed,
         concurrency=concurrency, n_threads=threads, device=device,
