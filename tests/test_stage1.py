@@ -359,3 +359,96 @@ def test_other_architectures(request: pytest.FixtureRequest, tmp_path: Path, arc
         assert rep.rtn_modules == ["lm_head"] and isinstance(model.lm_head, QuantLinear)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=_ids(1, 8)).logits).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# massive activations (DESIGN.md 5): the block loss where the next layer reads it
+# ---------------------------------------------------------------------------------------------
+
+
+def _plant_massive_activations(model: torch.nn.Module, tok) -> None:
+    """A ~1,500x residual outlier in dimension 7 at the chat-start and newline tokens, from block 1 on.
+
+    Like real LLMs' massive activations (attention-sink tokens, a few dimensions): block 1's MLP has
+    one neuron that fires on those tokens (through an embedding direction) and writes a large value
+    into dimension 7 of the residual stream; later norms give that dimension a tiny weight, so the
+    next layers hardly read it.
+    """
+    d, e, j = 7, 11, 3
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        for t in (tok.convert_tokens_to_ids("<|im_start|>"), tok("\n")["input_ids"][0]):
+            emb[t, e] = 4.0
+        mlp = model.model.layers[1].mlp
+        mlp.up_proj.weight[j, e] = mlp.gate_proj.weight[j, e] = 6.0
+        mlp.down_proj.weight[d, j] = 1.0
+        for layer in model.model.layers[2:]:
+            layer.input_layernorm.weight[d] = layer.post_attention_layernorm.weight[d] = 1e-3
+        model.model.norm.weight[d] = 1e-3
+
+
+def test_next_norm_loss_is_robust_to_massive_activations(tmp_path: Path) -> None:
+    """With a planted massive activation, stage 1 measured after the next layer's norm still brings the
+    whole model closer to the teacher than RTN (on this tiny model the raw loss does too, by about as
+    much: the failure seen on a real 135M Llama does not reproduce at this size)."""
+    from rqat_deploy.builtin import synth
+    from rqat_deploy.builtin.tiny import build_tiny_model
+    from rqat_deploy.data.calib import build_calibration
+    from rqat_deploy.data.sft import build_sft
+    from rqat_deploy.models import load_hf_model
+    from rqat_deploy.quant.surgery import convert_model
+
+    mdir = build_tiny_model(tmp_path / "m", hidden_size=256, num_layers=4, num_heads=2, num_kv_heads=1,
+                            head_dim=128, intermediate_size=512, seed=0)
+    teacher, tok = load_hf_model(str(mdir))
+    _plant_massive_activations(teacher, tok)
+    with torch.no_grad():  # the plant works: one entry dominates the residual stream from block 2 on
+        ids = tok("<|im_start|>user\nThe parser returns.\nIt works.", return_tensors="pt")["input_ids"]
+        h = teacher(ids, output_hidden_states=True).hidden_states[2][0].abs()
+    assert float(h[:, 7].max()) > 500 * float(h.median())
+    calib = build_calibration(tok, synth.default_data("calib"), 24, 128, seed=0).input_ids
+    heldout = build_sft(tok, str(synth.write_reasoning_jsonl(tmp_path / "h.jsonl", 24, split="heldout", seed=1)), 24, 256, 0)
+
+    def kl_to_teacher(student: torch.nn.Module) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(len(heldout)):
+                s = heldout.subset([i])
+                keep = s.labels[0, 1:] != -100
+                lt = torch.log_softmax(teacher(s.input_ids).logits[0, :-1][keep].double(), -1)
+                ls = torch.log_softmax(student(s.input_ids).logits[0, :-1][keep].double(), -1)
+                total, count = total + float((lt.exp() * (lt - ls)).sum()), count + int(keep.sum())
+        return total / count
+
+    spec = QuantSpec(bits=2)
+    rtn = _load_copy(teacher)
+    prepare_model(rtn, spec, progress=False)
+    kl = {"rtn": kl_to_teacher(convert_model(rtn))}
+    student = _load_copy(teacher)
+    run_stage1(student, spec, calib, Stage1Config(loss_space="next_norm", **SMALL), work_dir=tmp_path / "s1",
+               progress=False)
+    kl["next_norm"] = kl_to_teacher(convert_model(student))
+    assert kl["next_norm"] < kl["rtn"], kl
+
+
+def _load_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).eval()
+
+
+def test_gptq_init_and_keep_better(tiny_qwen3_dir: Path, tmp_path: Path) -> None:
+    """init='gptq' starts each block from GPTQ on its student inputs; keep_better never ends a block
+    above its starting held-out loss (a learning rate that only hurts gives back the start)."""
+    ids = _ids(n=40, length=64)  # GPTQ needs more tokens than the hidden size to beat RTN on held-out data
+    spec = QuantSpec(bits=2)
+    rtn = run_stage1(_load(tiny_qwen3_dir), spec, ids, Stage1Config(epochs=0, **SMALL), work_dir=tmp_path / "r",
+                     progress=False)
+    gptq = run_stage1(_load(tiny_qwen3_dir), spec, ids, Stage1Config(epochs=0, init="gptq", **SMALL),
+                      work_dir=tmp_path / "g", progress=False)
+    assert gptq.blocks[0].val_loss_init < rtn.blocks[0].val_loss_init  # GPTQ starts closer than RTN
+    hurt = Stage1Config(init="gptq", keep_better=True, quant_lr=0.5, weight_lr=0.5, **SMALL)
+    rep = run_stage1(_load(tiny_qwen3_dir), spec, ids, hurt, work_dir=tmp_path / "k", progress=False)
+    assert all(b.kept_init and b.val_loss == b.val_loss_init for b in rep.blocks)
+    with pytest.raises(ConfigError, match="loss_space"):
+        Stage1Config(loss_space="raw")

@@ -270,3 +270,38 @@ def test_config_defaults_and_errors(env: dict) -> None:
     cache_needed = _cfg(loss_terms="F", max_steps=1)
     rep = run_stage2(student, env["data"], LiveTeacher(env["teacher"]), cache_needed, progress=False)
     assert rep.final_loss is not None and rep.final_loss > 0
+
+
+GRID_CASES = [("uniform", 2), ("q2_0", 2), ("kquant", 2), ("kquant", 3)]
+
+
+@pytest.mark.parametrize("grid, bits", GRID_CASES, ids=[f"{g}-{b}bit" for g, b in GRID_CASES])
+def test_stage2_lowers_heldout_kl_on_every_grid(env: dict, tmp_path: Path, grid: str, bits: int) -> None:
+    """One learning rate serves every grid once each scale's rate is relative to it (relative_lr)."""
+    from rqat_deploy.train.run import quantize_rtn
+
+    ckpt = quantize_rtn(env["model_dir"], tmp_path / "ck", bits=bits, grid=grid)
+    rep = run_stage2(_student(ckpt), env["data"], LiveTeacher(env["teacher"]), _cfg(relative_lr=True, keep_better=True),
+                     progress=False)
+    assert rep.eval_after["kl_full"] < rep.eval_before["kl_full"] and not rep.kept_initial
+
+
+def test_keep_better_ends_where_it_started_when_training_hurts(env: dict) -> None:
+    student = _student(env["ckpt"])
+    start = _trainable(student)
+    rep = run_stage2(student, env["data"], LiveTeacher(env["teacher"]), _cfg(lr=0.5, keep_better=True, max_grad_norm=None),
+                     progress=False)
+    assert rep.kept_initial and rep.eval_after == rep.eval_before
+    assert all(torch.equal(v, start[n]) for n, v in _trainable(student).items())
+
+
+def test_relative_lr_scales_only_the_kquant_super_block_scales(env: dict, tmp_path: Path) -> None:
+    from rqat_deploy.train.run import quantize_rtn
+    from rqat_deploy.train.stage2 import Stage2Trainer
+
+    ckpt = quantize_rtn(env["model_dir"], tmp_path / "q2k", bits=2, grid="kquant")
+    trainer = Stage2Trainer(_student(ckpt), env["data"], LiveTeacher(env["teacher"]), _cfg(relative_lr=True))
+    lrs = sorted(g["lr"] for g in trainer.optimizer.param_groups)
+    assert len(lrs) > 1 and max(lrs) <= 3e-3 and min(lrs) < 3e-3 / 4  # d / dmin: ~1/10 of the effective scale's
+    uni = Stage2Trainer(_student(env["ckpt"]), env["data"], LiveTeacher(env["teacher"]), _cfg(relative_lr=True))
+    assert [g["lr"] for g in uni.optimizer.param_groups] == [3e-3]  # the uniform grid's scale is the scale
