@@ -20,6 +20,7 @@ Library API (the CLI wires ``rqat-deploy export --format gguf`` and ``rqat-deplo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from rqat_deploy.errors import CheckpointError, ConfigError, ExportError
-from rqat_deploy.files import check_output, staged_file
+from rqat_deploy.files import check_no_overlap, check_output, staged_output_file
 from rqat_deploy.exporters import gguf_quants as gq
 from rqat_deploy.exporters import gguf_vocab as gv
 
@@ -46,6 +47,8 @@ __all__ = [
     "format_inspect",
     "inspect_gguf",
     "gguf_type_choices",
+    "tensor_sha256",
+    "verify_gguf",
     "resolve_gguf_type",
 ]
 
@@ -81,6 +84,7 @@ class TensorReport:
         exact: the stored tensor decodes bit for bit to the checkpoint's.
         quantized: a quantized module of the checkpoint (counts in the total error).
         note: fallback explanation, if any.
+        sha256: of the stored tensor bytes (``inspect --verify`` checks the file against it).
     """
 
     name: str
@@ -91,6 +95,7 @@ class TensorReport:
     exact: bool
     quantized: bool
     note: str = ""
+    sha256: str = ""
 
 
 @dataclass
@@ -251,7 +256,8 @@ def export_gguf(
     from rqat_deploy.quant.checkpoint import QUANT_FILE, read_checkpoint, read_float_model
 
     t0 = time.perf_counter()
-    out = check_output(out_path, force)
+    inputs = {ckpt_dir: "checkpoint directory"}
+    out = check_output(check_no_overlap(out_path, inputs, error=ExportError), force)
     if out.exists() and out.is_dir():
         raise ExportError(f"{out} is a directory; give a file path ending in .gguf")
     embed_type = embed_type.upper()
@@ -271,12 +277,13 @@ def export_gguf(
         bits=meta.bits, grid=meta.grid, group_size=meta.group_size,
         tokenizer_pre=vocab.pre.name, tokenizer_pre_source=vocab.pre.source,
     )
-    with staged_file(out) as tmp:
+    with staged_output_file(out, force, inputs=inputs, error=ExportError) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
         n_blocks = int(ckpt.config["num_hidden_layers"])
         name_map = gguf.get_tensor_name_map(_arch_enum(arch), n_blocks)
         sums = []
         for name, data, raw, rep, err in _tensors(ckpt, arch, qtype, embed_type, name_map, vocab.n_rows):
+            rep.sha256 = tensor_sha256(data)
             writer.add_tensor(name, data, raw_dtype=raw)
             report.tensors.append(rep)
             if rep.note:
@@ -666,6 +673,11 @@ def _verify(path: Path, ckpt: Any, report: ExportReport, arch: str, name_map: An
             raise ExportError(f"{path}: {name} is stored as {t.tensor_type.name}, expected {rep.qtype}")
         decoded = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         decoded = decoded.reshape(rep.shape)
+        if not np.isfinite(decoded).all():
+            raise ExportError(
+                f"{path}: {name} decodes to NaN or Inf values in {rep.qtype} (a value beyond the range of that type); "
+                "output removed: choose a wider --embed-type / --gguf-type (F32)"
+            )
         if rep.quantized:
             ref = ckpt.dequantized_weight(rep.source).numpy()
         elif rep.source == "rope_parameters":
@@ -713,15 +725,8 @@ def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         ExportError: the file is missing or not a GGUF file.
     """
-    import gguf
-
     p = Path(path)
-    if not p.is_file():
-        raise ExportError(f"{p} does not exist or is not a file")
-    try:
-        reader = gguf.GGUFReader(str(p))
-    except (ValueError, OSError) as e:
-        raise ExportError(f"{p} is not a readable GGUF file: {e}") from e
+    reader = _open_gguf(p)
 
     def get(key: str) -> Any:
         f = reader.get_field(key)
@@ -769,6 +774,60 @@ def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def _open_gguf(p: Path) -> Any:
+    """``gguf.GGUFReader`` of ``p``; a missing, truncated or corrupt file is one ExportError."""
+    import gguf
+
+    if not p.is_file():
+        raise ExportError(f"{p} does not exist or is not a file")
+    try:
+        return gguf.GGUFReader(str(p))
+    except Exception as e:  # noqa: BLE001 - the reader fails in many ways on a cut or corrupt file
+        raise ExportError(f"{p} is not a readable GGUF file ({type(e).__name__}: {e}): it is truncated or corrupt") from e
+
+
+def tensor_sha256(data: np.ndarray) -> str:
+    """sha256 of a tensor's bytes as the GGUF file stores them (C order)."""
+    return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+
+
+def verify_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Decode every tensor of a GGUF file and check it, instead of trusting its stored report.
+
+    Each tensor's bytes are compared with the sha256 the export report stored (files written by
+    rqat-deploy), and each tensor gguf can decode must hold finite values.
+
+    Returns:
+        ``{"tensors", "checksums_matched", "decoded", "undecodable_types"}``.
+
+    Raises:
+        ExportError: the file is unreadable, a tensor differs from its stored checksum, or decodes to NaN/Inf.
+    """
+    import gguf
+
+    p = Path(path)
+    reader = _open_gguf(p)
+    field = reader.get_field(REPORT_KEY)
+    stored = {t["name"]: t.get("sha256") for t in json.loads(field.contents())["tensors"]} if field else {}
+    matched, decoded, undecodable = 0, 0, set()
+    for t in reader.tensors:
+        want = stored.get(t.name)
+        if want:
+            if tensor_sha256(t.data) != want:
+                raise ExportError(f"{p}: tensor {t.name} differs from what was written (checksum mismatch): the file is corrupt")
+            matched += 1
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            undecodable.add(t.tensor_type.name)
+            continue
+        if not np.isfinite(values).all():
+            raise ExportError(f"{p}: tensor {t.name} decodes to NaN or Inf values: the file is corrupt")
+        decoded += 1
+    return {"tensors": len(reader.tensors), "checksums_matched": matched, "decoded": decoded,
+            "undecodable_types": sorted(undecodable)}
+
+
 def format_inspect(info: dict[str, Any]) -> str:
     """Text rendering of :func:`inspect_gguf`'s dict (what ``rqat-deploy inspect`` prints)."""
     lines = [
@@ -784,12 +843,20 @@ def format_inspect(info: dict[str, Any]) -> str:
         lines.append(f"quantized tensors: {info['quantized_bits_per_weight']:.3f} bits/weight")
     rep = info.get("export_report")
     if rep:
+        checked = info.get("verification")
         lines.append(
-            f"export report: {rep['bits']}-bit {rep['grid']} -> {rep['gguf_type']}, total weight error "
+            f"export report{'' if checked else ' (as stored at export; inspect --verify checks the tensors)'}: "
+            f"{rep['bits']}-bit {rep['grid']} -> {rep['gguf_type']}, total weight error "
             f"{rep['total_rel_error']:.3e} (max {rep['max_rel_error']:.3e}){', bit-exact' if rep.get('exact') else ''}"
         )
         for name, why in rep.get("fallbacks", {}).items():
             lines.append(f"  fallback {name}: {why}")
     else:
         lines.append("export report: none (not written by rqat-deploy)")
+    checked = info.get("verification")
+    if checked:
+        lines.append(
+            f"verified: {checked['decoded']} of {checked['tensors']} tensors decoded to finite values, "
+            f"{checked['checksums_matched']} match the checksums stored at export"
+        )
     return "\n".join(lines)

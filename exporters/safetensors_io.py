@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from rqat_deploy.errors import ExportError
-from rqat_deploy.files import atomic_write_json
+from rqat_deploy.errors import CheckpointError, ExportError
+from rqat_deploy.files import atomic_write_json, check_no_overlap, read_json
 from rqat_deploy.shards import SafetensorsDir, ShardedWriter
 
 if TYPE_CHECKING:
@@ -75,16 +75,12 @@ class ExportReport:
 
 
 def check_out_dir(ckpt_path: Path, out_dir: str | os.PathLike[str]) -> Path:
-    """Refuse an output directory that is the checkpoint itself or lies inside it.
+    """Refuse an output directory that is the checkpoint itself, lies inside it or contains it.
 
     Raises:
         ExportError: naming the clash.
     """
-    out = Path(out_dir).resolve()
-    src = ckpt_path.resolve()
-    if out == src or src in out.parents or out in src.parents:
-        raise ExportError(f"--out {out_dir} overlaps the checkpoint directory {ckpt_path}: choose a separate directory")
-    return Path(out_dir)
+    return check_no_overlap(out_dir, {ckpt_path: "checkpoint directory"}, error=ExportError)
 
 
 def list_files(out_dir: Path) -> tuple[list[str], int]:
@@ -136,11 +132,10 @@ def linear_module_names(config_dir: Path) -> list[str]:
 
     The model is built on the meta device, so no memory is used for weights.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from rqat_deploy.quant.checkpoint import model_skeleton
 
-    config = AutoConfig.from_pretrained(str(config_dir))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    config = read_json(config_dir / "config.json", error=CheckpointError)
+    model = model_skeleton(config, config_dir)
     return [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
 
 

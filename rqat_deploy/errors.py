@@ -33,8 +33,19 @@ class ModelLoadError(RqatError):
     """A model or tokenizer that cannot be loaded from the given Hub id or directory."""
 
 
-class OutputExistsError(RqatError, FileExistsError):
-    """An output path that already exists and would be overwritten without ``--force``."""
+class OutputError(RqatError):
+    """An output that cannot be written: inside or over an input, locked by another run, or on a
+    path that is not writable."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """An output path that already exists (or appeared while it was written) and would be
+    overwritten without ``--force``."""
+
+
+class UnsafePathError(RqatError, ValueError):
+    """A path inside a checkpoint or model directory that leads outside it (``..``, an absolute
+    path, a symlink to elsewhere), or a file that is not a regular file of bounded size."""
 
 
 class ExportError(RqatError):
@@ -48,6 +59,11 @@ class DataError(RqatError, ValueError):
 class NonFiniteError(RqatError, ArithmeticError):
     """A NaN or inf in a training loss, gradient or quantization parameter; the message names where
     (stage, block or module, step) and which saved state is the last good one."""
+
+
+class DivergenceError(RqatError, ArithmeticError):
+    """A training run that diverged with finite values: the loss far above its start, or scales
+    pinned at the fp16 limit; the message names the step, the last good state and what to change."""
 
 
 def did_you_mean(value: str, choices: tuple[str, ...] | list[str]) -> str:

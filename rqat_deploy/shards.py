@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rqat_deploy.errors import CheckpointError, ConfigError
+from rqat_deploy.files import inside, normal_permissions, read_json
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -67,6 +69,7 @@ class ShardedWriter:
     def _flush(self) -> None:
         path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
         save_file(self._buf, str(path), metadata={"format": "pt"})
+        normal_permissions(path)  # safetensors creates 0600; the checkpoint's other files are 0644
         self._shards.append((path, list(self._buf)))
         self._buf, self._buf_bytes = {}, 0
 
@@ -94,29 +97,72 @@ class ShardedWriter:
         return files + [INDEX_FILE]
 
 
+def open_safetensors(path: str | os.PathLike[str]) -> Any:
+    """``safe_open`` of one safetensors file; a truncated, empty or corrupt file is a CheckpointError.
+
+    Raises:
+        CheckpointError: naming the file and the fix.
+    """
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; restore or re-create it"
+        ) from e
+
+
+def load_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (errors as :func:`open_safetensors`)."""
+    with open_safetensors(path) as f:
+        try:
+            return {name: f.get_tensor(name) for name in f.keys()}
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: cannot read its tensors ({e}): the file is corrupt; re-create it") from e
+
+
 class SafetensorsDir:
     """Lazy read access to the tensors of a (possibly sharded) safetensors directory.
 
+    Shard names from the index must stay inside the directory (no ``..``, no absolute path, no
+    symlink leading out), and every file must open as safetensors.
+
     Raises:
-        CheckpointError: neither ``model.safetensors`` nor an index exists, or a shard the index
-            names is missing.
+        CheckpointError: neither ``model.safetensors`` nor an index exists, the index is not valid
+            JSON, a shard it names is missing or leads outside the directory, or a file is corrupt.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         index = self.path / INDEX_FILE
-        if index.exists():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            self.where = {name: self.path / f for name, f in weight_map.items()}
-            for f in sorted(set(self.where.values())):
-                if not f.exists():
+        if index.exists() or index.is_symlink():
+            raw = read_json(inside(self.path, INDEX_FILE, error=CheckpointError), error=CheckpointError)
+            weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index} has no weight_map of tensor names to shard files: re-create the index")
+            files = {f: inside(self.path, f, error=CheckpointError) for f in sorted(set(weight_map.values()))}
+            for f in files.values():
+                if not f.is_file():
                     raise CheckpointError(f"{self.path}: shard {f.name} named in {INDEX_FILE} is missing")
+            self.where = {name: files[f] for name, f in weight_map.items()}
+            self._check_shards(set(files.values()))
             return
         single = self.path / WEIGHTS_FILE
-        if not single.exists():
+        if not single.exists() and not single.is_symlink():
             raise CheckpointError(f"{self.path}: neither {WEIGHTS_FILE} nor {INDEX_FILE} exists")
-        with safe_open(str(single), framework="pt") as f:
+        single = inside(self.path, WEIGHTS_FILE, error=CheckpointError)
+        with open_safetensors(single) as f:
             self.where = {name: single for name in f.keys()}
+
+    def _check_shards(self, files: set[Path]) -> None:
+        """Every shard opens, and holds the tensors the index places in it."""
+        for f in sorted(files):
+            with open_safetensors(f) as h:
+                held = set(h.keys())
+            listed = {n for n, where in self.where.items() if where == f}
+            if not listed <= held:
+                raise CheckpointError(
+                    f"{f} lacks tensors that {INDEX_FILE} places in it: {sorted(listed - held)[:3]}; re-create the checkpoint"
+                )
 
     def names(self) -> list[str]:
         """Every tensor name."""
@@ -124,15 +170,18 @@ class SafetensorsDir:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, as stored."""
-        with safe_open(str(self.where[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        with open_safetensors(self.where[name]) as f:
+            try:
+                return f.get_tensor(name)
+            except SafetensorError as e:
+                raise CheckpointError(f"{self.where[name]}: cannot read {name} ({e}): the file is corrupt") from e
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, read from the header only."""
-        with safe_open(str(self.where[name]), framework="pt") as f:
+        with open_safetensors(self.where[name]) as f:
             return tuple(f.get_slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
         """A tensor's safetensors dtype name (``F16``, ``U8``...), read from the header only."""
-        with safe_open(str(self.where[name]), framework="pt") as f:
+        with open_safetensors(self.where[name]) as f:
             return f.get_slice(name).get_dtype()

@@ -6,8 +6,8 @@ Two modes (DESIGN.md 9):
   decode tokens/s at batch 1, warm-up excluded, several repetitions) is made first; then every
   question of the dataset is answered once per seed. Each response is appended to
   ``OUT/responses/<label>.jsonl`` as soon as it finishes (that file is itself a valid
-  ``--responses`` input), so Ctrl-C keeps everything that finished: the report is then written from
-  the finished responses and marked ``"interrupted": true``.
+  ``--responses`` input), so Ctrl-C (or SIGTERM) keeps everything that finished: the report is then
+  written from the finished responses and marked ``"interrupted": true``.
 - **grade only** (``responses`` given): score existing JSONL files of responses from any tool, one
   object per line with ``response`` and optionally ``index`` (0-based row of the dataset; rows
   without one follow the dataset's order), ``model`` (groups rows into models; default the file's
@@ -34,6 +34,8 @@ from rqat_deploy.data.grading import GRADERS, grade_response, resolve_grader
 from rqat_deploy.data.thinking import DEFAULT_RESTART_PATTERNS, analyze_response, is_truncated
 from rqat_deploy.errors import ConfigError, DataError
 from rqat_deploy.serve.fidelity import compare_to_reference
+from rqat_deploy.files import check_no_overlap, check_output, staged_dir
+from rqat_deploy.models import check_device
 from rqat_deploy.serve.report import (
     compare_models,
     environment_info,
@@ -106,6 +108,7 @@ class BenchConfig:
         hashes: record sha256 of the model files.
         plots: write PNG plots (when matplotlib is importable).
         progress: show tqdm progress bars.
+        force: replace an existing ``out_dir`` (``--force``); without it an existing one is refused.
 
     Raises:
         ConfigError: (when built) a value out of range or inconsistent with another, naming its flag.
@@ -145,6 +148,7 @@ class BenchConfig:
     hashes: bool = True
     plots: bool = True
     progress: bool = True
+    force: bool = False
 
     def __post_init__(self) -> None:
         fix = object.__setattr__  # frozen: normalize the containers once, here
@@ -419,14 +423,18 @@ def _grade_rows(
     rows: list[dict[str, Any]], examples: list[EvalExample] | None, cfg: BenchConfig, tokenizer: Any
 ) -> list[dict[str, Any]]:
     position: dict[int, int] = {}
+    answered: dict[tuple[int, int], str] = {}
     records = []
     for row in rows:
-        seed = int(row.get("seed", 0) or 0)
-        if row.get("index") is not None:
-            index = int(row["index"])
-        else:
-            index = position.get(seed, 0)
+        seed = _row_int(row, "seed", 0)
+        index = _row_int(row, "index", position.get(seed, 0))
         position[seed] = index + 1
+        if (seed, index) in answered:
+            raise DataError(
+                f"{row['_where']}: index {index} (seed {seed}) was already answered at {answered[seed, index]}: give one "
+                "response per question and seed (use `seed` for repeated samples, `model` for other models)"
+            )
+        answered[seed, index] = row["_where"]
         example = None
         if examples is not None:
             if not 0 <= index < len(examples):
@@ -447,6 +455,20 @@ def _grade_rows(
     return records
 
 
+def _row_int(row: dict[str, Any], key: str, default: int) -> int:
+    """An integer field of a responses row (``default`` when absent or null); anything else is refused.
+
+    Raises:
+        DataError: a string, fraction, boolean... (naming the line).
+    """
+    value = row.get(key)
+    if value is None:
+        return default
+    if type(value) is not int:
+        raise DataError(f"{row['_where']}: `{key}` must be an integer, got {json.dumps(value)}")
+    return value
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Benchmark models (generate mode) or grade saved responses (grade-only mode).
 
@@ -457,18 +479,41 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         The report dict, as written to ``cfg.out_dir/report.json``; ``report["interrupted"]`` is
         True when Ctrl-C stopped the run (the report covers what finished).
 
+    The report directory is written like every output (:func:`rqat_deploy.files.staged_dir`): under a
+    temporary name created before any model runs (so an unwritable ``--out`` fails at once), renamed
+    into place at the end (also after Ctrl-C / SIGTERM, with what finished), replacing an existing
+    one only with ``force``.
+
     Raises:
-        ConfigError: a baseline that is not one of the models.
+        OutputExistsError: ``out_dir`` exists and ``force`` is false.
+        OutputError: ``out_dir`` overlaps a model or responses file, is being written, or is not writable.
+        ConfigError: a baseline that is not one of the models, or a CUDA device that is not there.
         DataError: unreadable dataset or responses.
         BackendError / ModelLoadError: a runtime or model that cannot be loaded.
     """
     out = Path(cfg.out_dir)
+    check_device(cfg.device)
+    inputs = {**{m: "model" for m in cfg.models}, **{r: "responses file" for r in cfg.responses or ()}}
+    check_no_overlap(out, inputs)
+    check_output(out, cfg.force)
     examples = (
         load_eval_set(cfg.dataset, limit=cfg.limit, question_field=cfg.question_field, answer_field=cfg.answer_field,
                       split=cfg.split)
         if cfg.dataset
         else None
     )
+    with staged_dir(out, cfg.force, inputs=inputs) as tmp:  # checked writable before any model runs
+        report = _run(cfg, examples, tmp)
+        written = write_report(report, tmp, plots=cfg.plots)
+    report["outputs"] = {
+        "json": str(out / written["json"].name), "markdown": str(out / written["markdown"].name),
+        "plots": [str(out / p.name) for p in written["plots"]],
+    }
+    return report
+
+
+def _run(cfg: BenchConfig, examples: list[EvalExample] | None, out: Path) -> dict[str, Any]:
+    """The report of the run, its responses written under ``out`` (the staged output directory)."""
     report: dict[str, Any] = {
         "format_version": REPORT_FORMAT_VERSION,
         "tool": "rqat-deploy bench",
@@ -518,8 +563,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     report["models"] = summaries
     if len(summaries) >= 2:
         report["compare"] = compare_models(summaries, _baseline_label(cfg.baseline, cfg.models, summaries))
-    written = write_report(report, out, plots=cfg.plots)
-    report["outputs"] = {"json": str(written["json"]), "markdown": str(written["markdown"]), "plots": [str(p) for p in written["plots"]]}
     return report
 
 

@@ -257,6 +257,18 @@ def _model_config(cfg: BuildConfig, tokenizer: Any) -> Any:
     )
 
 
+def save_model_config(model: Any, out: Path) -> None:
+    """Write the teacher's ``config.json``: float16 weights, and its architecture named.
+
+    ``architectures`` is what tools read to pick the model class (the ONNX exporter, ``inspect``);
+    ``PretrainedConfig.save_pretrained`` alone leaves it out, ``PreTrainedModel.save_pretrained`` would
+    add it but also write the weights.
+    """
+    model.config.dtype = "float16"
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(str(out))
+
+
 def _lr_at(cfg: BuildConfig, step: int) -> float:
     """The build's learning rate at ``step``: linear warm-up, cosine to ``lr * final_lr_ratio``."""
     return lr_at(step, peak=cfg.lr, total=cfg.steps, warmup=cfg.warmup_steps, floor=cfg.lr * cfg.final_lr_ratio)
@@ -516,10 +528,9 @@ def build(
     history = _train(cfg, model, data, pad_id, log, tokenizer)
     train_wall, train_cpu = time.time() - tr_wall, time.process_time() - tr_cpu
 
-    model.config.dtype = "float16"
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(str(out))
+    save_model_config(model, out)
     _write_generation_config(out, tokenizer)
 
     batches = _batches(cfg, data)

@@ -7,11 +7,15 @@ Option values come from: defaults < ``--config FILE`` (JSON, TOML or YAML) < fla
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import sys
+import threading
 import tomllib
 from pathlib import Path
+from types import FrameType
 from typing import Any, Callable
 
 import click
@@ -19,7 +23,18 @@ import click
 from rqat_deploy import __version__
 from rqat_deploy.errors import RqatError
 
-_ERRORS: tuple[type[BaseException], ...] = (RqatError,)
+#: set to 1 to see the traceback of any error (same as ``rqat-deploy --debug``)
+DEBUG_ENV = "RQAT_DEPLOY_DEBUG"
+_OS_FIXES = {
+    errno.ENOSPC: "no space left on the device: free some space or choose another --out",
+    errno.EDQUOT: "disk quota exceeded: free some space or choose another --out",
+    errno.EROFS: "the file system is read-only: choose another --out",
+    errno.EACCES: "permission denied: choose a path you can write (or read)",
+    errno.EPERM: "operation not permitted: choose a path you can write (or read)",
+    errno.ENOENT: "no such file or directory: check the path",
+    errno.ENOTDIR: "a component of the path is not a directory: check the path",
+    errno.EISDIR: "it is a directory, a file was expected: check the path",
+}
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -29,8 +44,8 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     path = Path(value)
     if not path.exists():
         raise click.BadParameter(f"config file {value!r} does not exist", param_hint="--config")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
@@ -67,20 +82,58 @@ def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def describe_error(exc: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code the CLI prints for an error.
+
+    rqat-deploy's own errors and the operating system's (disk full, read-only, permissions...) are
+    bad input or environment: exit code 2, with the file and the fix. Anything else is an internal
+    error: exit code 1, and the traceback is behind ``--debug`` / ``RQAT_DEPLOY_DEBUG=1``.
+    """
+    if isinstance(exc, RqatError):
+        return str(exc), 2
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = exc.filename if exc.filename is not None else "an input or output"
+        fix = _OS_FIXES.get(exc.errno, f"{exc.strerror or exc}")
+        return f"{where}: {fix}", 2
+    if isinstance(exc, MemoryError):
+        return "out of memory: use a smaller model, batch or sequence length", 2
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return (
+        f"internal error: {type(exc).__name__}: {first} (rerun with `rqat-deploy --debug ...` or {DEBUG_ENV}=1 for "
+        "the traceback, and please report it)",
+        1,
+    )
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 class _Group(click.Group):
-    """Prints rqat-deploy's own errors as one clean line instead of a traceback."""
+    """Prints every error as one ``error:`` line instead of a traceback (unless ``--debug``)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except _ERRORS as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            if _debug(ctx):
+                raise
+            click.secho("interrupted: temporary files were removed; rerun the command to start again", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - every failure becomes one clear line
+            if _debug(ctx):
+                raise
+            message, code = describe_error(e)
+            click.secho(f"error: {message}", fg="red", err=True)
+            sys.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="rqat-deploy")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help=f"Show the Python traceback of an error (also: {DEBUG_ENV}=1).")
+def cli(debug: bool) -> None:
     """Train, export and benchmark ultra-low-bit (2/3-bit) reasoning LLMs.
 
     \b
@@ -265,11 +318,12 @@ def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type:
 @click.option("--threads", default=None, type=int, help="CPU threads for llama.cpp / torch.")
 @click.option("--device", default=None, help="Device for transformers (cpu, cuda).")
 @click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False), help="Report directory.")
+@click.option("--force", is_flag=True, help="Replace an existing --out (its old report, plots and responses).")
 def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, limit: int | None, max_tokens: int,
           runtime: str | None, seeds: int, greedy: bool, temperature: float, top_k: int, top_p: float,
           no_thinking: bool, question_field: str | None, answer_field: str | None, grader: str, compare: bool,
           baseline: str | None, reference: str | None, no_speed: bool, concurrency: int, threads: int | None,
-          device: str | None, out: str) -> None:
+          device: str | None, out: str, force: bool) -> None:
     """Measure speed, accuracy and thinking-token length; write report.json, report.md and plots.
 
     \b
@@ -290,7 +344,7 @@ def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, l
         runtime=runtime, seeds=seeds, out_dir=out, baseline=baseline, reference=reference, compare=compare, greedy=greedy,
         temperature=temperature, top_k=top_k, top_p=top_p, enable_thinking=not no_thinking,
         question_field=question_field, answer_field=answer_field, grader=grader, speed=not no_speed,
-        concurrency=concurrency, n_threads=threads, device=device,
+        concurrency=concurrency, n_threads=threads, device=device, force=force,
     )
     report = run_bench(dataclasses.replace(cfg, dataset=resolve_spec(dataset, "eval")))  # checked before `builtin` is written
     click.echo((Path(out) / "report.md").read_text() if (Path(out) / "report.md").exists() else json.dumps(report, default=str)[:2000])
@@ -302,24 +356,29 @@ def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, l
 @cli.command()
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def inspect(path: str, as_json: bool) -> None:
+@click.option("--verify", is_flag=True,
+              help="Decode every tensor and check it (ranges, finite values; a GGUF file against the checksums stored "
+                   "at export) instead of trusting the stored report.")
+def inspect(path: str, as_json: bool, verify: bool) -> None:
     """Summarize a quantized checkpoint directory (or a GGUF file).
 
     \b
     Examples:
       rqat-deploy inspect ckpt-int2
       rqat-deploy inspect model.gguf --json
+      rqat-deploy inspect model.gguf --verify
     """
-    if path.endswith(".gguf"):
-        from rqat_deploy.exporters.gguf import format_inspect, inspect_gguf
+    if Path(path).is_file():
+        from rqat_deploy.exporters.gguf import format_inspect, inspect_gguf, verify_gguf
 
         info = inspect_gguf(path)
+        if verify:
+            info["verification"] = verify_gguf(path)
         click.echo(json.dumps(info, indent=2, default=str) if as_json else format_inspect(info))
         return
-    else:
-        from rqat_deploy.cli.inspect import inspect_checkpoint
+    from rqat_deploy.cli.inspect import inspect_checkpoint
 
-        info = inspect_checkpoint(path)
+    info = inspect_checkpoint(path, verify=verify)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -371,8 +430,25 @@ def quickstart(out: str, bits: str, per_level: int, max_tokens: int, threads: in
     click.echo(format_table(result))
 
 
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM handler: raise KeyboardInterrupt (a second SIGTERM then ends the process at once)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_signal_handlers() -> None:
+    """Handle SIGTERM (what ``timeout``, job schedulers and torchrun send) like Ctrl-C.
+
+    The signal becomes a KeyboardInterrupt in the main thread, so the paths Ctrl-C takes run: stage 2
+    saves its state, bench writes the report of what finished, staged outputs remove their temporaries.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 def main() -> None:
     """Console-script entry point."""
+    install_signal_handlers()
     cli(prog_name="rqat-deploy")
 
 

@@ -7,14 +7,29 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rqat_deploy.quant.checkpoint import read_checkpoint
+from rqat_deploy.quant.checkpoint import QuantizedCheckpoint, read_checkpoint
 
 
 def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def verify_checkpoint(ckpt: QuantizedCheckpoint) -> str:
+    """Read and decode every tensor of a checkpoint: integer ranges, finite values, dequantization.
+
+    Returns:
+        A one-line summary.
+
+    Raises:
+        CheckpointError: naming the first tensor that fails.
+    """
+    for m in ckpt.meta.modules:
+        ckpt.dequantized_weight(m)
+    n_float = sum(1 for _ in ckpt.float_tensors())
+    return f"{len(ckpt.meta.modules)} quantized modules decoded, {n_float} float tensors read: all in range and finite"
+
+
+def inspect_checkpoint(path: str | os.PathLike[str], *, verify: bool = False) -> dict[str, Any]:
     """Summarize a quantized checkpoint: grid, bits, modules, parameter counts, bits per weight.
 
     Bits per weight count the codes at ``bits`` each plus every scale/zero tensor at its stored
@@ -22,12 +37,13 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Args:
         path: checkpoint directory.
+        verify: also read and decode every tensor (:func:`verify_checkpoint`).
 
     Returns:
         A dict of summary fields (JSON-ready).
 
     Raises:
-        CheckpointError: not a valid checkpoint.
+        CheckpointError: not a valid checkpoint (or, with ``verify``, a tensor out of range or not finite).
     """
     ckpt = read_checkpoint(path)
     grid = ckpt.grid
@@ -52,4 +68,5 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         "bits_per_weight": round(bpw, 4),
         "recipe": ckpt.meta.recipe.get("name", "?"),
         "size_bytes": _dir_size(ckpt.path),
+        **({"verified": verify_checkpoint(ckpt)} if verify else {}),
     }

@@ -16,6 +16,7 @@ Training reads a source in a seeded shuffled order, streaming Hub sources by def
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 from rqat_deploy.data.spec import TRAIN_SPLIT, Source
@@ -110,6 +111,9 @@ def open_source(
     import datasets
 
     extra = {"sample_by": text_unit} if source.kind == "text" else {}
+    empty = [f for f in source.files if os.path.isfile(f) and not _has_content(f)]
+    if empty:
+        raise DataError(f"dataset file {empty[0]} is empty: it holds no records; give a file with one record per line")
     try:
         if source.files and not source.directory:
             return datasets.load_dataset(
@@ -119,6 +123,17 @@ def open_source(
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one clear DataError
         raise _load_error(source, e) from e
     return loaded[choose_split(source, list(loaded))]
+
+
+def _has_content(path: str) -> bool:
+    """Whether a data file holds anything but whitespace (a compressed file is assumed to)."""
+    if path.endswith((".gz", ".bz2", ".xz", ".zst", ".parquet")):
+        return os.path.getsize(path) > 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
 
 
 def _records(ds: Any, source: Source) -> Iterator[dict[str, Any]]:

@@ -262,8 +262,10 @@ def allocate(weights: Sequence[float], n: int) -> list[int]:
     Returns:
         Integer counts summing to ``n``; ties in the remainders go to the earlier source.
     """
-    total = float(sum(weights))
-    exact = [w / total * n for w in weights]
+    top = max(weights)
+    scaled = [w / top for w in weights]  # in (0, 1]: the sum cannot overflow, whatever the weights
+    total = sum(scaled)
+    exact = [w / total * n for w in scaled]
     counts = [math.floor(e) for e in exact]
     order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
     for i in order[: n - sum(counts)]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rqat_deploy.errors import CheckpointError, ConfigError
-from rqat_deploy.files import staged_dir
+from rqat_deploy.files import inside, read_json, staged_dir
 from rqat_deploy.shards import DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, ShardedWriter
 from rqat_deploy.quant.grids import Grid
 from rqat_deploy.quant.spec import QuantSpec
@@ -38,6 +38,11 @@ MODEL_FILES = (
     "merges.txt",
     "added_tokens.json",
 )
+#: config.json keys every supported architecture has and the exporters read
+REQUIRED_CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                        "vocab_size")
+
+
 @dataclass(frozen=True)
 class QuantMeta:
     """The parsed ``rqat_quant.json``."""
@@ -69,12 +74,11 @@ class QuantMeta:
 
 def _parse_meta(path: Path) -> QuantMeta:
     f = path / QUANT_FILE
-    if not f.exists():
+    if not f.exists() and not f.is_symlink():
         raise CheckpointError(f"{path} is not a quantized checkpoint: {QUANT_FILE} is missing")
-    try:
-        raw = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+    raw = read_json(inside(path, QUANT_FILE, error=CheckpointError), error=CheckpointError)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{f} must hold a JSON object, got {type(raw).__name__}")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
@@ -84,12 +88,17 @@ def _parse_meta(path: Path) -> QuantMeta:
     missing = [k for k in ("bits", "grid", "group_size", "modules") if k not in raw]
     if missing:
         raise CheckpointError(f"{f} lacks the fields {missing}")
+    modules = raw["modules"]
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules) or len(set(modules)) != len(modules):
+        raise CheckpointError(f"{f}: modules must be a list of distinct module names")
+    if not all(type(raw[k]) is int for k in ("bits", "group_size")) or not isinstance(raw["grid"], str):
+        raise CheckpointError(f"{f}: bits and group_size must be integers and grid a name")
     meta = QuantMeta(
         format_version=version,
         bits=raw["bits"],
         grid=raw["grid"],
         group_size=raw["group_size"],
-        modules=list(raw["modules"]),
+        modules=list(modules),
         base_model=raw.get("base_model", ""),
         recipe=raw.get("recipe", {}),
     )
@@ -100,6 +109,63 @@ def _parse_meta(path: Path) -> QuantMeta:
     if grid.group_size != meta.group_size:
         raise CheckpointError(f"{f}: {grid.label} checkpoints have group_size {grid.group_size}, got {meta.group_size}")
     return meta
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """``config.json``, checked to be a JSON object with the keys every supported architecture has."""
+    f = path / "config.json"
+    if not f.exists() and not f.is_symlink():
+        raise CheckpointError(f"{path}: config.json is missing")
+    config = read_json(inside(path, "config.json", error=CheckpointError), error=CheckpointError)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{f} must hold a JSON object, got {type(config).__name__}")
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(f"{f} lacks {', '.join(missing)}: copy config.json from the base model")
+    bad = [k for k in REQUIRED_CONFIG_KEYS[1:] if type(config[k]) is not int or config[k] < 1]
+    if bad:
+        raise CheckpointError(f"{f}: {', '.join(bad)} must be positive integers: copy config.json from the base model")
+    return config
+
+
+def _check_model_files(path: Path) -> None:
+    """Every model file (config, tokenizer...) present is a regular file inside ``path``: a checkpoint's
+    files are read and copied into exports, so a symlink to elsewhere would leak that file."""
+    for name in MODEL_FILES:
+        f = path / name
+        if f.exists() or f.is_symlink():
+            if not inside(path, name, error=CheckpointError).is_file():
+                raise CheckpointError(f"{f} is not a regular file")
+
+
+def model_skeleton(config: dict[str, Any], where: str | os.PathLike[str]) -> nn.Module:
+    """The causal LM ``config`` describes, built on the meta device (no memory for weights).
+
+    Only architectures transformers ships are built: a model's own code (``auto_map``) never runs.
+
+    Raises:
+        CheckpointError: transformers cannot build a causal LM from ``config`` (naming ``where``).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any failure means config.json describes no model we can build
+        custom = " (it names custom code in auto_map, which rqat-deploy never runs)" if "auto_map" in config else ""
+        raise CheckpointError(
+            f"{where}/config.json does not describe a causal LM that transformers ships{custom}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+
+
+def _model_shapes(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """The state-dict shapes of a model and the names that alias an earlier tensor (tied weights)."""
+    state = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    aliases = {n for n, t in state.items() if first.setdefault(id(t), n) != n}
+    return {n: tuple(t.shape) for n, t in state.items()}, aliases
 
 
 class QuantizedCheckpoint:
@@ -130,14 +196,20 @@ class QuantizedCheckpoint:
         return self.files.names()
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One stored tensor, as stored.
+        """One stored tensor, as stored; floating-point tensors must hold finite values.
 
         Raises:
-            CheckpointError: no tensor of that name.
+            CheckpointError: no tensor of that name, or NaN / Inf values in it.
         """
         if name not in self.files.where:
             raise CheckpointError(f"{self.path}: no tensor {name!r} in the checkpoint")
-        return self.files.get(name)
+        t = self.files.get(name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"{self.path}: {name} holds NaN or Inf values: the checkpoint is corrupt or its training diverged; "
+                "re-create it"
+            )
+        return t
 
     def quant_tensors(self, module: str) -> dict[str, torch.Tensor]:
         """The quantization tensors of ``module`` (``qcodes`` and its grid's scales), range-checked.
@@ -187,11 +259,23 @@ class QuantizedCheckpoint:
         return self.files.dtype(name)
 
     def validate(self) -> None:
-        """Check that every quantized module has its tensors, with the right dtypes and shapes.
+        """Check that the checkpoint is complete: what ``config.json``'s model needs, nothing else.
+
+        Every quantized module has exactly its grid's tensors with the right dtypes and shapes, no
+        quantization tensor lies outside ``modules``, and every other tensor the model of
+        ``config.json`` has is stored with its shape (tied copies may be omitted) and nothing more.
+        Values (ranges, finiteness) are checked when tensors are read (:meth:`tensor`,
+        :meth:`quant_tensors`).
 
         Raises:
             CheckpointError: naming the first inconsistency found.
         """
+        if self.spec is not None:
+            self._check_modules()
+        self._check_stray()
+        self._check_architecture()
+
+    def _check_modules(self) -> None:
         st_dtype = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16"}
         for m in self.meta.modules:
             if f"{m}.qcodes" not in self.files.where:
@@ -211,6 +295,52 @@ class QuantizedCheckpoint:
                         f"{self.path}: {key} is {got_dtype}{list(got_shape)}, expected {st_dtype[dtype]}{list(want)}"
                     )
 
+    def _quant_names(self) -> set[str]:
+        return {f"{m}.{n}" for m in self.meta.modules for n in self.grid.tensor_names()} if self.spec else set()
+
+    def _check_stray(self) -> None:
+        """No quantization tensor (``<m>.qcodes`` and the grid's) of a module missing from ``modules``."""
+        suffixes = ("qcodes", *(self.grid.tensor_names() if self.spec else ()))
+        listed = set(self.meta.modules)
+        for name in self.files.names():
+            module, _, suffix = name.rpartition(".")
+            if suffix in suffixes and module not in listed:
+                raise CheckpointError(
+                    f"{self.path}: {name} is a quantization tensor, but {module!r} is not in the modules of "
+                    f"{QUANT_FILE}: the checkpoint is inconsistent; re-create it"
+                )
+
+    def _check_architecture(self) -> None:
+        """The tensors are those of the model ``config.json`` describes, with its shapes."""
+        shapes, aliases = _model_shapes(model_skeleton(self.config, self.path))
+        for m in self.meta.modules:
+            want = shapes.pop(f"{m}.weight", None)
+            if want is None:
+                raise CheckpointError(f"{self.path}: quantized module {m!r} is not a Linear of the model config.json describes")
+            got = self.shape(f"{m}.qcodes")
+            if got != want:
+                raise CheckpointError(
+                    f"{self.path}: {m}.qcodes has shape {list(got)} but the model of config.json needs {list(want)}: "
+                    "config.json and the tensors disagree"
+                )
+        stored = set(self.files.names())
+        missing = sorted(n for n in shapes if n not in stored and n not in aliases)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(
+                f"{self.path}: the model of config.json needs {missing[0]}{more}, which the checkpoint lacks: "
+                "it is incomplete; re-create it"
+            )
+        extra = sorted(stored - set(shapes) - self._quant_names())
+        if extra:
+            raise CheckpointError(f"{self.path}: {extra[0]} is not a tensor of the model config.json describes")
+        for name in sorted(stored & set(shapes)):
+            if self.shape(name) != shapes[name]:
+                raise CheckpointError(
+                    f"{self.path}: {name} has shape {list(self.shape(name))} but the model of config.json needs "
+                    f"{list(shapes[name])}: config.json and the tensors disagree"
+                )
+
 
 def read_checkpoint(path: str | os.PathLike[str]) -> QuantizedCheckpoint:
     """Open and validate a quantized checkpoint directory.
@@ -222,15 +352,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> QuantizedCheckpoint:
         A :class:`QuantizedCheckpoint`.
 
     Raises:
-        CheckpointError: missing files, an unknown ``format_version``, or inconsistent tensors.
+        CheckpointError: missing files, an unknown ``format_version``, a file leading outside the
+            directory, or tensors that are not exactly those of the model ``config.json`` describes.
     """
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
     meta = _parse_meta(p)
-    if not (p / "config.json").exists():
-        raise CheckpointError(f"{p}: config.json is missing")
-    ckpt = QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), SafetensorsDir(p), meta.spec)
+    ckpt = QuantizedCheckpoint(p, meta, _read_config(p), SafetensorsDir(p), meta.spec)
+    _check_model_files(p)
     ckpt.validate()
     return ckpt
 
@@ -248,14 +378,18 @@ def read_float_model(path: str | os.PathLike[str]) -> QuantizedCheckpoint:
         A :class:`QuantizedCheckpoint` whose ``meta.modules`` is empty.
 
     Raises:
-        CheckpointError: the directory or its weights are missing.
+        CheckpointError: the directory or its weights are missing, or they are not the model its
+            ``config.json`` describes.
     """
     p = Path(path)
-    if not (p / "config.json").is_file():
+    if not (p / "config.json").exists():
         raise CheckpointError(f"{p} is not a model directory: config.json is missing")
     meta = QuantMeta(format_version=FORMAT_VERSION, bits=16, grid="float", group_size=0, modules=[],
                      base_model=p.resolve().name)
-    return QuantizedCheckpoint(p, meta, json.loads((p / "config.json").read_text()), SafetensorsDir(p), None)
+    model = QuantizedCheckpoint(p, meta, _read_config(p), SafetensorsDir(p), None)
+    _check_model_files(p)
+    model.validate()
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +459,10 @@ def save_checkpoint(
     out = Path(out_dir)
     specs = {mod.spec for _, mod in quant_linears(model)}
     if not specs:
-        raise CheckpointError("the model has no quantized Linear: run prepare_model first")
+        raise CheckpointError(
+            "the model has no quantized Linear: nothing was quantized (its layers are not nn.Linear, or --exclude "
+            "matched every one)"
+        )
     if len({s.grid_def for s in specs}) > 1:
         raise CheckpointError(f"all quantized modules must share one spec, found {specs}")
     spec = specs.pop()

@@ -36,7 +36,7 @@ def select_linears(model: nn.Module, spec: QuantSpec) -> list[str]:
     Embeddings (``nn.Embedding``) and norms are never Linears, so they stay in floating point.
 
     Raises:
-        ConfigError: ``quantize_lm_head`` with tied input/output embeddings.
+        ConfigError: ``quantize_lm_head`` with tied input/output embeddings, or nothing to quantize.
         ShapeError: a selected module whose input size the grid cannot divide (names the fix).
     """
     head = _output_embedding(model)
@@ -50,6 +50,12 @@ def select_linears(model: nn.Module, spec: QuantSpec) -> list[str]:
             continue
         spec.check_module(name, mod.in_features)
         names.append(name)
+    if not names and not any(isinstance(m, QuantLinear) for m in model.modules()):  # (quantized already: the caller's case)
+        linears = any(type(m) is nn.Linear and m is not head for m in model.modules())
+        why = (f"--exclude {' '.join(repr(p) for p in spec.exclude)} matches every one of its nn.Linear layers" if linears
+               else f"{type(model).__name__} has no nn.Linear layers besides its output head (GPT-2-style Conv1D "
+                    "layers are not supported; Qwen3, Qwen2 and Llama are)")
+        raise ConfigError(f"nothing to quantize: {why}")
     return names
 
 

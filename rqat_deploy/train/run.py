@@ -11,18 +11,21 @@ model is saved as a checkpoint, stage 2 saves its state every ``save_every`` ste
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rqat_deploy import __version__
-from rqat_deploy.errors import ConfigError, OutputExistsError, did_you_mean
+from rqat_deploy.errors import CheckpointError, ConfigError, OutputExistsError, did_you_mean
+from rqat_deploy.files import atomic_write_json, check_no_overlap, check_output, output_lock, read_json
 from rqat_deploy.quant.spec import QuantSpec
 from rqat_deploy.train.recipes import RECIPE_TABLE, RECIPES, Recipe
 
@@ -95,15 +98,52 @@ class TrainConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        """Check every value before any work (a bad flag is refused in a second, not after an hour).
+
+        Raises:
+            ConfigError: naming the flag.
+        """
         if self.recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {self.recipe!r}{did_you_mean(self.recipe, RECIPES)}; choose one of {RECIPES}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-        for name in ("calib_samples", "calib_seq_len", "train_samples", "train_seq_len", "stage1_epochs", "global_batch", "micro_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("calib_samples", "calib_seq_len", "train_samples", "train_seq_len", "stage1_epochs", "global_batch",
+                     "micro_batch", "stage2_epochs", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.stage2_lr is not None and not (math.isfinite(self.stage2_lr) and self.stage2_lr > 0):
+            raise ConfigError(f"--stage2-lr must be a positive number, got {self.stage2_lr}")
+        for name in ("alpha", "beta"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.init_from is not None and self.plan.loss is None:
             raise ConfigError(f"--init-from starts stage 2, which recipe {self.recipe!r} does not have; use --recipe rqat")
+        self.stage2_config()  # the stage-2 settings (loss terms, batch sizes) are checked now too
+
+    def stage2_config(self) -> Any:
+        """The :class:`rqat_deploy.train.stage2.Stage2Config` of this run, or None without a stage 2.
+
+        Raises:
+            ConfigError: an invalid stage-2 setting.
+        """
+        plan = self.plan
+        if plan.loss is None:
+            return None
+        from rqat_deploy.train.stage2 import Stage2Config
+
+        return Stage2Config(
+            epochs=self.stage2_epochs, lr=self.stage2_lr, global_batch=self.global_batch, micro_batch=self.micro_batch,
+            loss_terms=plan.loss, alpha=self.alpha, beta=self.beta, max_steps=self.max_steps, seed=self.seed,
+            eval_samples=min(64, max(1, self.train_samples // 8)), **plan.stage2,
+        )
+
+    def inputs(self) -> dict[str, str]:
+        """The local directories this run reads, ``{path: what}``: outputs must lie outside them."""
+        found = {self.model_path: "base model"}
+        if self.init_from is not None:
+            found[self.init_from] = "--init-from checkpoint"
+        return {p: what for p, what in found.items() if os.path.isdir(p)}
 
     @property
     def plan(self) -> Recipe:
@@ -167,13 +207,17 @@ def _check_resume(cfg: TrainConfig) -> None:
             raise OutputExistsError(
                 f"{work} holds an interrupted run: pass --resume to continue it, or remove the directory to start over"
             )
-        old = json.loads(stamp.read_text())
-        diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k) and k != "max_steps")
+        old = read_json(stamp, error=CheckpointError)
+        diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
         if diff:
-            raise ConfigError(f"--resume with different settings than the interrupted run in {work}: {diff}")
+            raise ConfigError(
+                f"--resume with different settings than the interrupted run in {work}: {diff} "
+                f"({', '.join(f'{k}: {old.get(k)!r} -> {recipe.get(k)!r}' for k in diff[:3])}); resume with the same "
+                "flags, or remove the work directory to start over"
+            )
         return
     work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(recipe, indent=2))
+    atomic_write_json(stamp, recipe)
 
 
 def run_train(cfg: TrainConfig, *, progress: bool = True) -> Path:
@@ -193,20 +237,40 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> Path:
 
     Raises:
         OutputExistsError: ``cfg.out`` exists and ``cfg.force`` is false.
+        OutputError: ``cfg.out`` or the work directory overlaps the model, is locked by another run,
+            or cannot be written (all checked before any work).
+        ConfigError: a CUDA device that is not there, or a ``--resume`` with other settings.
         ModelLoadError: the model cannot be loaded.
         DataError: calibration or training data cannot be built.
+        NonFiniteError / DivergenceError: stage 2 diverged (the last good state stays in the work directory).
     """
+    from rqat_deploy.models import check_device
     from rqat_deploy.train import distributed as dist_utils
 
-    if Path(cfg.out).exists() and not cfg.force:
-        raise OutputExistsError(f"{cfg.out} already exists: choose another --out or pass --force to overwrite it")
+    check_device(cfg.device)
+    inputs = cfg.inputs()
+    check_no_overlap(cfg.out, inputs)
+    check_no_overlap(cfg.work_path, {**inputs, cfg.out: "--out directory"})
+    check_output(cfg.out, cfg.force)
     opened = dist_utils.init_distributed(cfg.device)
     try:
         dist_utils.barrier()  # every rank has checked --out before rank 0 may write it
-        return _run_train(cfg, progress=progress and dist_utils.is_main())
+        with _locked(cfg, dist_utils.is_main()):
+            return _run_train(cfg, progress=progress and dist_utils.is_main())
     finally:
         if opened:
             dist_utils.destroy_distributed()
+
+
+@contextlib.contextmanager
+def _locked(cfg: TrainConfig, main: bool) -> Iterator[None]:
+    """Rank 0 holds the locks of ``--out`` and of the work directory for the whole run: a second run
+    on either is refused at once (and an unwritable ``--out`` is found before any training)."""
+    if not main:
+        yield
+        return
+    with output_lock(cfg.out), output_lock(cfg.work_path):
+        yield
 
 
 def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
@@ -218,25 +282,29 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
     from rqat_deploy.quant.surgery import prepare_model
 
     out, plan = Path(cfg.out), cfg.plan  # --out was checked by run_train
+    if plan.init != "rtn" and dist_utils.is_main():
+        _check_resume(cfg)  # before loading anything: a mismatched --resume is refused at once
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model_path = cfg.model_path
-    model, tok = load_hf_model(model_path, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    try:
+        model, tok = load_hf_model(model_path, dtype=cfg.dtype, device=cfg.device,
+                                   trust_remote_code=cfg.trust_remote_code)
+    except BaseException:
+        _drop_empty_work(cfg)
+        raise
     base = model_path if not os.path.isdir(model_path) else os.path.basename(os.path.normpath(model_path))
     reports: dict[str, Any] = {}
     if plan.init == "rtn":
         prepare_model(model, cfg.quant, backend=cfg.backend, progress=progress)
         student = model
     else:
-        if dist_utils.is_main():
-            _check_resume(cfg)
         try:
             student = _initialise(cfg, model, tok, reports, progress=progress)
             if plan.loss is not None:
                 reports["stage2"] = _stage2(cfg, student, model, tok, reports, progress=progress)
         except BaseException:
-            if dist_utils.is_main() and [p.name for p in cfg.work_path.iterdir()] == ["run.json"]:  # nothing worth resuming
-                shutil.rmtree(cfg.work_path)
+            _drop_empty_work(cfg)
             raise
     recipe = cfg.to_recipe() | {"reports": reports, "seconds": round(time.perf_counter() - t0, 3)}
     if not dist_utils.is_main():
@@ -245,6 +313,15 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
     if plan.init != "rtn" and not cfg.keep_work:
         shutil.rmtree(cfg.work_path, ignore_errors=True)
     return path
+
+
+def _drop_empty_work(cfg: TrainConfig) -> None:
+    """Remove a work directory that holds nothing worth resuming (only the run stamp)."""
+    from rqat_deploy.train import distributed as dist_utils
+
+    work = cfg.work_path
+    if dist_utils.is_main() and work.is_dir() and [p.name for p in work.iterdir()] == ["run.json"]:
+        shutil.rmtree(work)
 
 
 def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> Any:
@@ -273,10 +350,10 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
 
     if not dist_utils.is_main():  # torchrun: rank 0 initialises and saves, the others load its result
         dist_utils.wait_for_main()
-        reports.update(json.loads((cfg.work_path / "init_reports.json").read_text()))
+        reports.update(read_json(cfg.work_path / "init_reports.json", error=CheckpointError))
         return reload()
     if cfg.resume and (init_ckpt / "rqat_quant.json").exists():
-        reports.update(json.loads((cfg.work_path / "init_reports.json").read_text()))
+        reports.update(read_json(cfg.work_path / "init_reports.json", error=CheckpointError))
         dist_utils.wait_for_main()
         return reload()
     calib = build_calibration(tok, cfg.calib_spec(), cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
@@ -305,11 +382,12 @@ def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dic
     """Scale-only end-to-end training of ``student`` against ``teacher``."""
     from rqat_deploy.train import distributed as dist_utils
     from rqat_deploy.data.sft import build_sft
-    from rqat_deploy.train.stage2 import Stage2Config, run_stage2
+    from rqat_deploy.train.stage2 import run_stage2
     from rqat_deploy.quant.surgery import freeze_codes
     from rqat_deploy.train.teacher import CachedTeacher, LiveTeacher
 
     plan = cfg.plan
+    s2 = cfg.stage2_config()
     seq_len = min(cfg.train_seq_len, plan.train_seq_len or cfg.train_seq_len)
     data = build_sft(tok, cfg.train_spec(), cfg.train_samples, seq_len, cfg.seed)
     reports["train_data"] = data.report
@@ -323,11 +401,6 @@ def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dic
         teacher_src: Any = CachedTeacher(cache)
     else:
         teacher_src = LiveTeacher(teacher)
-    s2 = Stage2Config(
-        epochs=cfg.stage2_epochs, lr=cfg.stage2_lr, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
-        loss_terms=plan.loss, alpha=cfg.alpha, beta=cfg.beta, max_steps=cfg.max_steps, seed=cfg.seed,
-        eval_samples=min(64, max(1, cfg.train_samples // 8)), **plan.stage2,
-    )
     rep = run_stage2(student, data, teacher_src, s2, state_dir=cfg.work_path / "stage2", resume=cfg.resume, progress=progress)
     return _jsonable(rep)
 

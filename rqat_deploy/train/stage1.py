@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -57,11 +57,12 @@ from rqat_deploy.train.activations import (
     store_nbytes,
 )
 from rqat_deploy.errors import CheckpointError, ConfigError, NonFiniteError, ShapeError
-from rqat_deploy.files import atomic_write_json, staged_file
+from rqat_deploy.files import atomic_write_json, read_json, staged_file
 from rqat_deploy.quant.qlinear import QuantLinear
 from rqat_deploy.quant.spec import QuantSpec
 from rqat_deploy.quant.surgery import select_linears, set_submodule
 from rqat_deploy.train.gptq import gptq_block
+from rqat_deploy.shards import load_safetensors
 from rqat_deploy.train.precision import autocast
 from rqat_deploy.train.schedule import lr_at
 
@@ -285,7 +286,7 @@ class _WorkDir:
             "version": STATE_VERSION, "fingerprint": fingerprint, "blocks": [], "acts_block": None
         }
         if self.state_path.exists():
-            old = json.loads(self.state_path.read_text())
+            old = read_json(self.state_path, error=CheckpointError)
             if old.get("fingerprint") != fingerprint or old.get("version") != STATE_VERSION:
                 raise ConfigError(
                     f"{self.dir} holds a stage-1 run with different calibration data, spec, model or settings: "
@@ -746,7 +747,7 @@ def run_stage1(
                 block.to(dev)
                 _propagate(block, fp_store, inputs, dev, cfg.forward_batch_size, model_dtype)
             _skeleton_block(block, block_names[k], spec, backend)
-            state = load_file(str(wd.block_path(k)))
+            state = load_safetensors(wd.block_path(k))
             block.load_state_dict(state, strict=True, assign=True)
             block.requires_grad_(False)
             if recompute:

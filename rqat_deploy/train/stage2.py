@@ -56,12 +56,15 @@ tensors before training. A non-finite loss on any rank stops every rank with the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -75,9 +78,10 @@ from tqdm.auto import tqdm
 
 from rqat_deploy.train import distributed as dist_utils
 from rqat_deploy.data.sft import SFTSet
-from rqat_deploy.errors import ConfigError, NonFiniteError, RqatError
+from rqat_deploy.errors import CheckpointError, ConfigError, DivergenceError, NonFiniteError, RqatError
 from rqat_deploy.files import staged_file
 from rqat_deploy.train.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics
+from rqat_deploy.quant.reference import FP16_MAX
 from rqat_deploy.quant.surgery import freeze_codes, quant_linears
 from rqat_deploy.train.precision import autocast
 from rqat_deploy.train.schedule import SHAPES, lr_at
@@ -86,7 +90,9 @@ from rqat_deploy.train.teacher import Teacher, decoder_and_head
 STATE_FILE = "stage2_state.pt"
 METRICS_FILE = "stage2_metrics.jsonl"
 #: config fields that may change between an interrupted run and its resumption
-_RESUME_FREE = ("save_every", "log_every", "tensorboard", "log_path")
+_RESUME_FREE = ("save_every", "log_every", "tensorboard", "log_path", "divergence_factor")
+#: losses below this count as this much when testing for divergence (a near-zero start is no yardstick)
+_LOSS_FLOOR = 1e-2
 _SMALL_MODEL_PARAMS = 3e9  # "1.7B" vs "larger models" in the paper's learning rates
 
 
@@ -134,6 +140,9 @@ class Stage2Config:
         keep_better: if training raised the held-out KL, end with the initial trainable tensors
             (the report says so), so stage 2 never leaves the model farther from the teacher on
             held-out data than it started.
+        divergence_factor: stop the run (:class:`DivergenceError`) when a step's loss exceeds this many
+            times the first step's (at least 0.01); ``None`` never stops on the loss. Scales pinned at
+            the fp16 limit always stop it.
     """
 
     epochs: int | None = None
@@ -166,6 +175,7 @@ class Stage2Config:
     log_path: str | None = None
     relative_lr: bool = False
     keep_better: bool = False
+    divergence_factor: float | None = 10.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SHAPES:
@@ -177,8 +187,10 @@ class Stage2Config:
             raise ConfigError(f"micro_batch ({self.micro_batch}) cannot exceed global_batch ({self.global_batch})")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.divergence_factor is not None and not self.divergence_factor > 1:
+            raise ConfigError(f"divergence_factor must be > 1 (or None), got {self.divergence_factor}")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
         if self.eval_samples < 0 or self.save_every < 0:
@@ -317,23 +329,52 @@ def _module_of(param_name: str) -> str:
     return param_name.rsplit(".quantizer.", 1)[0] if ".quantizer." in param_name else param_name
 
 
-def _check_finite(params: list[tuple[str, nn.Parameter]], what: str, step: int, last_good: int | None) -> None:
+def _named(names: list[str]) -> str:
+    """``a (scale), b (d) ...``: at most five parameters, by module and parameter."""
+    shown = [f"{_module_of(n)} ({n.rsplit('.', 1)[-1]})" for n in names[:5]]
+    return ", ".join(shown) + (" ..." if len(names) > 5 else "")
+
+
+def _check_finite(params: list[tuple[str, nn.Parameter]], what: str, step: int, hint: str) -> None:
     bad = []
     for name, p in params:
         t = p.grad if what == "gradient" else p
         if t is not None and not torch.isfinite(t).all():
-            bad.append(f"{_module_of(name)} ({name.rsplit('.', 1)[-1]})")
+            bad.append(name)
     if bad:
-        raise NonFiniteError(
-            f"non-finite {what} at step {step} in {len(bad)} tensor(s): {', '.join(bad[:5])}"
-            f"{' ...' if len(bad) > 5 else ''}; {_last_good(last_good)}"
+        raise NonFiniteError(f"non-finite {what} at step {step} in {len(bad)} tensor(s): {_named(bad)}; {hint}")
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs, then deliver them (main thread only).
+
+    An interrupt in the middle of an optimizer update would leave parameters of one step with the
+    step counter of the previous one: the state saved on Ctrl-C must be a whole step.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, _frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
+
+
+def _check_pinned(params: list[tuple[str, nn.Parameter]], step: int, hint: str) -> None:
+    """A quantization scale at the fp16 limit is no trained value: the run has diverged."""
+    pinned = [n for n, p in params if ".quantizer." in n and bool((p.detach().abs() >= FP16_MAX).any())]
+    if pinned:
+        raise DivergenceError(
+            f"stage 2 diverged at step {step}: {len(pinned)} scale tensor(s) reached the fp16 limit {FP16_MAX:g}, "
+            f"{_named(pinned)}; {hint}"
         )
-
-
-def _last_good(step: int | None) -> str:
-    if step is None:
-        return "no state was saved (pass state_dir); lower the learning rate or check the data"
-    return f"the last good state (step {step}) is kept in state_dir; lower the learning rate and resume"
 
 
 @torch.no_grad()
@@ -516,7 +557,15 @@ def _save_state(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _load_state(path: Path, cfg: Stage2Config, fingerprint: str) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated, empty or foreign file fails in many ways
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}): the saved stage-2 state is corrupt; delete it to restart "
+            "stage 2 from its beginning (earlier stages are kept)"
+        ) from e
+    if not isinstance(state, dict) or not {"config", "data_fingerprint", "params", "step"} <= set(state):
+        raise CheckpointError(f"{path} is not a stage-2 state of rqat-deploy: delete it to restart stage 2")
     old = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}
     new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -578,6 +627,7 @@ class Stage2Trainer:
         self.start: int = 0  # the step this call begins at: the saved one on resume
         self.last_saved: int | None = None  # the step of the state on disk
         self.eval_before: dict[str, float] | None = None
+        self.start_loss: float | None = None  # the first step's loss (the divergence yardstick)
         if self.state_path is not None and self.state_path.exists():
             self._resume(self.state_path, resume)
         if self.world > 1:  # before anything is written: every rank has read the same state (or none)
@@ -589,7 +639,6 @@ class Stage2Trainer:
         self.done: int = self.start  # optimizer steps done
         self.tokens: int = 0  # completion tokens trained in this call
         self.final_loss: float | None = None
-        self._updating = False  # True while the optimizer changes the parameters (a state then is not consistent)
         self._order_epoch: int = -1  # the epoch whose sample order ``_order`` is
         self._order: list[int] = []
         self._t0 = 0.0  # when training began (tokens_per_s)
@@ -646,6 +695,7 @@ class Stage2Trainer:
         _set_rng_state(state["rng"])
         self.start = self.last_saved = int(state["step"])
         self.eval_before = state["eval_before"]
+        self.start_loss = state.get("start_loss")
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -668,13 +718,13 @@ class Stage2Trainer:
                     self.snapshot()
                 if on_step is not None:
                     on_step(self.done, metrics)
-        except KeyboardInterrupt:
-            if self.last_saved != self.done and not self._updating:
+        except BaseException as e:  # Ctrl-C / SIGTERM saves; a stopped run (divergence...) keeps the last good state
+            if isinstance(e, KeyboardInterrupt) and self.last_saved != self.done:
                 self.snapshot()
-            bar.close()
             self.logger.close()
             raise
-        bar.close()
+        finally:
+            bar.close()  # ends the bar's line, so an error message starts a line of its own
         seconds = time.perf_counter() - self._t0
         if self.last_saved != self.done:
             self.snapshot()
@@ -706,12 +756,15 @@ class Stage2Trainer:
 
         Raises:
             NonFiniteError: a NaN/inf loss, gradient or scale (every rank raises).
+            DivergenceError: the loss far above the first step's, or scales at the fp16 limit.
         """
         epoch, idx = self._global_batch(step)
         n_norm = int(self.counts[idx].sum())  # the GLOBAL batch's completion tokens (every rank holds the data)
         loss, parts = self._accumulate(step, idx, n_norm)
-        grad_norm, lr_now = self._update(step)
-        self.done, self.tokens, self.final_loss = step + 1, self.tokens + n_norm, loss
+        self._check_loss(step, loss)
+        with _signals_deferred():  # Ctrl-C / SIGTERM wait for the update: the state saved then is consistent
+            grad_norm, lr_now = self._update(step)
+            self.done, self.tokens, self.final_loss = step + 1, self.tokens + n_norm, loss
         elapsed = time.perf_counter() - self._t0
         return {
             "step": self.done, "epoch": epoch, "loss": loss, **{f"loss_{k}": v for k, v in parts.items()},
@@ -749,7 +802,7 @@ class Stage2Trainer:
                     where = f" (rank {dist_utils.rank()})" if self.world > 1 else ""
                     bad = f"non-finite loss ({float(loss.detach())}) at step {step} on samples {mb}{where}: {parts}"
                     if self.world == 1:
-                        raise NonFiniteError(f"{bad}; {_last_good(self.last_saved)}")
+                        raise NonFiniteError(f"{bad}; {self.stop_hint()}")
                 (loss * weight if weight != 1.0 else loss).backward()  # all ranks back-propagate: DDP stays in step
             if weight:
                 loss_sum += float(loss.detach())
@@ -759,6 +812,27 @@ class Stage2Trainer:
         if self.world > 1:
             return self._reduce(step, loss_sum, parts_sum, local_tokens, bad, n_norm)
         return loss_sum, parts_sum
+
+    def _check_loss(self, step: int, loss: float) -> None:
+        """Stop when the loss (the same on every rank) rises far above the first step's."""
+        if self.start_loss is None:
+            self.start_loss = loss
+            return
+        factor = self.cfg.divergence_factor
+        if factor is not None and loss > factor * max(self.start_loss, _LOSS_FLOOR):
+            raise DivergenceError(
+                f"stage 2 diverged at step {step}: the loss {loss:.4g} is more than {factor:g} times its value at "
+                f"the start ({self.start_loss:.4g}); {self.stop_hint()}"
+            )
+
+    def stop_hint(self) -> str:
+        """What a stopped run kept and what to change (the end of every divergence message)."""
+        if self.last_saved is None or self.state_path is None:
+            kept = "no state was saved"
+        else:
+            kept = f"the last good state (step {self.last_saved}) stays in {self.state_path.parent}"
+        return (f"no checkpoint is written and {kept}; lower the stage-2 learning rate (--stage2-lr, now {self.cfg.lr:g}) "
+                "and train again, or check the data")
 
     def _sync(self, *, last: bool) -> ContextManager[Any]:
         """DDP all-reduces the gradients once, on the ``last`` micro-batch of a step."""
@@ -776,25 +850,24 @@ class Stage2Trainer:
         summed: list[float] = dist_utils.all_reduce_sum(vec).tolist()
         if summed[-1]:
             msgs = [m for m in dist_utils.all_gather_object(bad) if m is not None]
-            raise NonFiniteError(f"{msgs[0]}; {_last_good(self.last_saved)}")
+            raise NonFiniteError(f"{msgs[0]}; {self.stop_hint()}")
         if int(summed[-2]) != n_norm:  # the shards must cover the global batch exactly once
             raise RqatError(f"step {step}: the ranks trained {int(summed[-2])} completion tokens, the global batch has {n_norm}")
         return summed[0], dict(zip(names, summed[1:-2]))
 
     def _update(self, step: int) -> tuple[float, float]:
         """Clip, step the optimizer and the schedule; the gradient norm and the learning rate used."""
-        _check_finite(self.params, "gradient", step, self.last_saved)
+        _check_finite(self.params, "gradient", step, self.stop_hint())
         plist = [p for _, p in self.params]
         if self.cfg.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(plist, self.cfg.max_grad_norm))
         else:
             grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in plist if p.grad is not None])))
         lr_now = float(self.scheduler.get_last_lr()[0])
-        self._updating = True
         self.optimizer.step()
         self.scheduler.step()
-        self._updating = False
-        _check_finite(self.params, "scale", step, self.last_saved)
+        _check_finite(self.params, "scale", step, self.stop_hint())
+        _check_pinned(self.params, step, self.stop_hint())
         return grad_norm, lr_now
 
     # -- state, evaluation, report --------------------------------------------------------------
@@ -813,6 +886,7 @@ class Stage2Trainer:
                 "config": self.cfg.to_dict(),
                 "data_fingerprint": self.fingerprint,
                 "eval_before": self.eval_before,
+                "start_loss": self.start_loss,
             })
         self.last_saved = self.done
 

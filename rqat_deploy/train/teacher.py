@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from rqat_deploy.data.sft import IGNORE_INDEX, SFTSet
 from rqat_deploy.errors import ConfigError, DataError, ShapeError
-from rqat_deploy.files import atomic_write_json
+from rqat_deploy.files import atomic_write_json, read_json
 from rqat_deploy.train.losses import TeacherTargets
 
 CACHE_FORMAT = 1
@@ -190,7 +190,7 @@ class CachedTeacher:
         meta_file = _meta_path(self.path)
         if not meta_file.exists():
             raise ConfigError(f"{self.path} is not a teacher cache ({META_FILE} missing): build it with CachedTeacher.build")
-        self.meta: dict[str, Any] = json.loads(meta_file.read_text())
+        self.meta: dict[str, Any] = read_json(meta_file, error=ConfigError)
         if self.meta.get("format") != CACHE_FORMAT:
             raise ConfigError(f"{self.path}: teacher cache format {self.meta.get('format')!r} is not {CACHE_FORMAT}; rebuild it")
         if self.meta["done"] < self.meta["n_samples"]:
@@ -199,10 +199,13 @@ class CachedTeacher:
                 "run CachedTeacher.build again with the same data to finish it"
             )
         self.top_k: int = int(self.meta["top_k"])
-        self.offsets = np.load(self.path / "offsets.npy")
-        self._ids = np.load(self.path / "topk_ids.npy", mmap_mode="r")
-        self._lp = np.load(self.path / "topk_logprobs.npy", mmap_mode="r")
-        self._lab = np.load(self.path / "label_logprobs.npy", mmap_mode="r")
+        try:
+            self.offsets = np.load(self.path / "offsets.npy")
+            self._ids = np.load(self.path / "topk_ids.npy", mmap_mode="r")
+            self._lp = np.load(self.path / "topk_logprobs.npy", mmap_mode="r")
+            self._lab = np.load(self.path / "label_logprobs.npy", mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.path}: the teacher cache is corrupt ({e}): delete the directory to rebuild it") from e
 
     @property
     def fingerprint(self) -> str:
@@ -346,7 +349,7 @@ def _resume_point(out: Path, meta: dict[str, Any]) -> int:
     f = _meta_path(out)
     if not f.exists():
         return 0
-    old = json.loads(f.read_text())
+    old = read_json(f, error=ConfigError)
     same = all(old.get(k) == meta[k] for k in ("format", "top_k", "dtype", "n_samples", "n_tokens", "fingerprint"))
     if not same:
         raise ConfigError(

@@ -178,7 +178,7 @@ class Grid(abc.ABC):
         return total / (rows * cols)
 
     def check_tensors(self, module: str, t: dict[str, torch.Tensor]) -> None:
-        """Raise :class:`CheckpointError` unless ``t`` holds exactly this grid's tensors, in range.
+        """Raise :class:`CheckpointError` unless ``t`` holds exactly this grid's tensors, in range and finite.
 
         Args:
             module: the module's name, for the message.
@@ -197,6 +197,8 @@ class Grid(abc.ABC):
                 raise CheckpointError(
                     f"{module}.{name} is {v.dtype} {list(v.shape)}, expected {spec.dtype} {list(spec.shape)}"
                 )
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise CheckpointError(f"{module}.{name} holds NaN or Inf values: corrupted checkpoint or diverged training")
             if spec.lo is not None and spec.hi is not None and v.numel():
                 lo, hi = int(v.min()), int(v.max())
                 if lo < spec.lo or hi > spec.hi:
