@@ -51,6 +51,8 @@ METHODS: dict[str, dict[str, Any]] = {
                  "stage2_options": {"relative_lr": True, "keep_better": True}},
     "rqat all-no-keep": {"recipe": "rqat", "stage1_options": {"init": "gptq", "loss_space": "next_norm"},
                          "stage2_options": {"relative_lr": True}},
+    "rqat all+search": {"recipe": "rqat", "stage1_options": {"init": "gptq", "loss_space": "next_norm", "keep_better": True},
+                        "stage2_options": {"relative_lr": True, "keep_better": True, "lr_search": (1.0, 1 / 3, 1 / 10, 1 / 30)}},
 }
 SMALL = {"calib_samples": 32, "calib_seq_len": 256, "train_samples": 32, "train_seq_len": 256, "global_batch": 8}
 

@@ -277,13 +277,15 @@ GRID_CASES = [("uniform", 2), ("q2_0", 2), ("kquant", 2), ("kquant", 3)]
 
 @pytest.mark.parametrize("grid, bits", GRID_CASES, ids=[f"{g}-{b}bit" for g, b in GRID_CASES])
 def test_stage2_lowers_heldout_kl_on_every_grid(env: dict, tmp_path: Path, grid: str, bits: int) -> None:
-    """One learning rate serves every grid once each scale's rate is relative to it (relative_lr)."""
+    """One configuration serves every grid: rates relative to each scale, a short rate search (searched
+    k-quant / q2_0 starts want ~10x smaller steps than min-max uniform ones), keep-better as a guard."""
     from rqat_deploy.train.run import quantize_rtn
 
     ckpt = quantize_rtn(env["model_dir"], tmp_path / "ck", bits=bits, grid=grid)
-    rep = run_stage2(_student(ckpt), env["data"], LiveTeacher(env["teacher"]), _cfg(relative_lr=True, keep_better=True),
-                     progress=False)
+    cfg = _cfg(relative_lr=True, keep_better=True, lr_search=(1.0, 1 / 3, 1 / 10, 1 / 30))
+    rep = run_stage2(_student(ckpt), env["data"], LiveTeacher(env["teacher"]), cfg, progress=False)
     assert rep.eval_after["kl_full"] < rep.eval_before["kl_full"] and not rep.kept_initial
+    assert set(rep.lr_search) == {"1", "0.333333", "0.1", "0.0333333"} and rep.lr in [3e-3 * f for f in cfg.lr_search]
 
 
 def test_keep_better_ends_where_it_started_when_training_hurts(env: dict) -> None:
@@ -305,3 +307,23 @@ def test_relative_lr_scales_only_the_kquant_super_block_scales(env: dict, tmp_pa
     assert len(lrs) > 1 and max(lrs) <= 3e-3 and min(lrs) < 3e-3 / 4  # d / dmin: ~1/10 of the effective scale's
     uni = Stage2Trainer(_student(env["ckpt"]), env["data"], LiveTeacher(env["teacher"]), _cfg(relative_lr=True))
     assert [g["lr"] for g in uni.optimizer.param_groups] == [3e-3]  # the uniform grid's scale is the scale
+
+
+def test_resume_after_an_lr_search_continues_with_the_chosen_rate(env: dict, tmp_path: Path) -> None:
+    cfg = _cfg(save_every=2, lr_search=(1.0, 0.1))
+    teacher = LiveTeacher(env["teacher"])
+    a = _student(env["ckpt"])
+    rep_a = run_stage2(a, env["data"], teacher, cfg, state_dir=tmp_path / "a", progress=False)
+
+    def interrupt(step: int, _metrics: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage2(_student(env["ckpt"]), env["data"], teacher, cfg, state_dir=tmp_path / "b", progress=False,
+                   on_step=interrupt)
+    b = _student(env["ckpt"])
+    rep_b = run_stage2(b, env["data"], teacher, cfg, state_dir=tmp_path / "b", resume=True, progress=False)
+    assert rep_b.lr == rep_a.lr and rep_b.lr_search == rep_a.lr_search and len(rep_a.lr_search) == 2
+    for (n, x), (_, y) in zip(_trainable(a).items(), _trainable(b).items()):
+        assert torch.equal(x, y), n

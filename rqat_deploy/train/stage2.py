@@ -140,6 +140,12 @@ class Stage2Config:
         keep_better: if training raised the held-out KL, end with the initial trainable tensors
             (the report says so), so stage 2 never leaves the model farther from the teacher on
             held-out data than it started.
+        lr_search: multipliers of ``lr`` to probe before training (e.g. ``(1, 1/3, 1/10, 1/30)``): each
+            runs the first ``lr_search_fraction`` of the steps from the initial state and is scored by
+            the held-out KL; the run then trains with the best. How far a grid's initialisation sits
+            from the stage-2 optimum (crude min-max uniform scales vs searched k-quant / GPTQ ones)
+            decides the right rate more than the grid's parametrisation does.
+        lr_search_fraction: the share of the run's steps each probe takes (at least 2 steps).
         divergence_factor: stop the run (:class:`DivergenceError`) when a step's loss exceeds this many
             times the first step's (at least 0.01); ``None`` never stops on the loss. Scales pinned at
             the fp16 limit always stop it.
@@ -175,6 +181,8 @@ class Stage2Config:
     log_path: str | None = None
     relative_lr: bool = False
     keep_better: bool = False
+    lr_search: tuple[float, ...] = ()
+    lr_search_fraction: float = 0.1
     divergence_factor: float | None = 10.0
 
     def __post_init__(self) -> None:
@@ -197,6 +205,8 @@ class Stage2Config:
             raise ConfigError("eval_samples and save_every must be >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not all(f > 0 for f in self.lr_search) or not 0 < self.lr_search_fraction <= 1:
+            raise ConfigError("lr_search multipliers must be > 0 and lr_search_fraction in (0, 1]")
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
             raise ConfigError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
         self.loss_config()  # validates loss_terms, top_k, loss_chunk
@@ -223,6 +233,7 @@ class Stage2Config:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["extra_trainable"] = list(self.extra_trainable)
+        d["lr_search"] = list(self.lr_search)
         return d
 
 
@@ -252,6 +263,8 @@ class Stage2Report:
         world_size: processes that trained together (data parallel; 1 for a single process).
         kept_initial: ``keep_better`` restored the initial tensors (training raised the held-out KL;
             ``eval_after`` is then the initial model's).
+        lr_search: ``lr_search``'s held-out KL per probed multiplier of the configured rate (``lr``
+            is the chosen one).
     """
 
     steps: int
@@ -271,6 +284,7 @@ class Stage2Report:
     peak_memory_bytes: int | None = None
     world_size: int = 1
     kept_initial: bool = False
+    lr_search: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -628,6 +642,7 @@ class Stage2Trainer:
         self.last_saved: int | None = None  # the step of the state on disk
         self.eval_before: dict[str, float] | None = None
         self.start_loss: float | None = None  # the first step's loss (the divergence yardstick)
+        self.lr_probe: dict[str, float] = {}  # lr_search: held-out KL of each probed multiplier
         if self.state_path is not None and self.state_path.exists():
             self._resume(self.state_path, resume)
         if self.world > 1:  # before anything is written: every rank has read the same state (or none)
@@ -660,15 +675,17 @@ class Stage2Trainer:
         self.total = min(total, self.cfg.max_steps) if self.cfg.max_steps is not None else total
         self.warmup = int(self.cfg.warmup_ratio * self.total)
 
-    def _make_optimizer(self) -> None:
-        """AdamW over the trainable tensors; the schedule as a multiplier of ``lr`` (:func:`lr_at`, peak 1)."""
+    def _make_optimizer(self, factor: float = 1.0) -> None:
+        """AdamW over the trainable tensors at ``factor * lr``; the schedule as a multiplier of it
+        (:func:`lr_at`, peak 1)."""
         c = self.cfg
+        self.lr_factor = factor
         ratios = _lr_ratios(self.student) if c.relative_lr else {}
         groups: dict[float, list[nn.Parameter]] = {}
         for name, p in self.params:
             groups.setdefault(ratios.get(name, 1.0), []).append(p)
         self.optimizer = torch.optim.AdamW(
-            [{"params": ps, "lr": c.lr * r} for r, ps in groups.items()],
+            [{"params": ps, "lr": c.lr * factor * r} for r, ps in groups.items()],
             lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
         )
         self.initial = {n: p.detach().clone() for n, p in self.params} if c.keep_better else {}
@@ -686,6 +703,8 @@ class Stage2Trainer:
                 "or remove it (--force) to start over"
             )
         state = _load_state(path, self.cfg, self.fingerprint)
+        self._make_optimizer(float(state.get("lr_factor", 1.0)))  # the rate the interrupted run chose
+        self.lr_probe = state.get("lr_probe", {})
         named = dict(self.params)
         with torch.no_grad():
             for name, value in state["params"].items():
@@ -704,6 +723,8 @@ class Stage2Trainer:
         if self.eval_before is None:
             self.eval_before = self.evaluate()
             self.logger.log({"event": "eval", "when": "before", "step": self.start, **self.eval_before})
+            if self.cfg.lr_search:
+                self._search_lr()
         self._start_training()
         bar = tqdm(total=self.total, initial=self.start, desc="stage 2", disable=not (progress and self.main),
                    dynamic_ncols=True)
@@ -738,7 +759,39 @@ class Stage2Trainer:
                 for name, value in self.initial.items():
                     named[name].copy_(value)
             eval_after = dict(self.eval_before or {})
-        return dataclasses.replace(self._report(seconds, eval_after), kept_initial=kept)
+        return dataclasses.replace(self._report(seconds, eval_after), kept_initial=kept, lr_search=dict(self.lr_probe))
+
+    def _search_lr(self) -> None:
+        """Probe each ``lr_search`` multiplier for the first steps, from the initial state; keep the best.
+
+        Every probe starts from the same tensors, optimizer state and RNG state and is scored by the
+        held-out KL (a probe that diverges scores infinity); afterwards the run starts over from
+        the initial state with the winning rate. The scores go to the metrics and the report.
+        """
+        steps = min(self.total, max(2, math.ceil(self.cfg.lr_search_fraction * self.total)))
+        start = {n: p.detach().clone() for n, p in self.params}
+        rng = _rng_state()
+        scores: dict[float, float] = {}
+        self._start_training()
+        for factor in self.cfg.lr_search:
+            self._make_optimizer(factor)
+            try:
+                for s in range(steps):
+                    self.step(s)
+                scores[factor] = self.evaluate()["kl"]
+            except (NonFiniteError, DivergenceError):
+                scores[factor] = float("inf")
+            named = dict(self.params)
+            with torch.no_grad():
+                for name, value in start.items():
+                    named[name].copy_(value)
+            _set_rng_state(rng)
+            self.start_loss, self.done, self.tokens, self.final_loss = None, self.start, 0, None
+        best = min(scores, key=lambda f: scores[f])  # the first listed wins a tie
+        self._make_optimizer(best)
+        self.lr_probe = {f"{f:g}": kl for f, kl in scores.items()}
+        self.logger.log({"event": "lr_search", "step": 0, "probe_steps": steps, "chosen": best,
+                         **{f"kl_x{f:g}": kl for f, kl in scores.items()}})
 
     def _start_training(self) -> None:
         """The loss module (wrapped in DDP when data parallel), train mode, CUDA memory statistics."""
@@ -887,6 +940,8 @@ class Stage2Trainer:
                 "data_fingerprint": self.fingerprint,
                 "eval_before": self.eval_before,
                 "start_loss": self.start_loss,
+                "lr_factor": self.lr_factor,
+                "lr_probe": self.lr_probe,
             })
         self.last_saved = self.done
 
@@ -900,7 +955,7 @@ class Stage2Trainer:
             steps=self.total,
             start_step=self.start,
             epochs=int(self.cfg.epochs),
-            lr=float(self.cfg.lr),
+            lr=float(self.cfg.lr * self.lr_factor),
             tokens=self.tokens,
             seconds=seconds,
             tokens_per_s=self.tokens / seconds if seconds > 0 else 0.0,
