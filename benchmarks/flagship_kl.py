@@ -35,7 +35,7 @@ from typing import Any
 
 GRIDS = {"uniform": ("uniform", 2), "q2_0": ("q2_0", 2), "Q2_K": ("kquant", 2), "Q3_K": ("kquant", 3)}
 PAPER_FORM = {"stage1_options": {"init": "rtn", "loss_space": "block", "keep_better": False},
-              "stage2_options": {"relative_lr": False, "keep_better": False}}
+              "stage2_options": {"relative_lr": False, "keep_better": False, "lr_search": ()}}
 METHODS: dict[str, dict[str, Any]] = {
     "RTN": {"recipe": "rtn"},
     "GPTQ": {"recipe": "gptq"},

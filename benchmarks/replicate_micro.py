@@ -65,11 +65,12 @@ def _evaluate(model_dir: Path | None, per_level: int) -> dict[str, Any]:
 def _train(out: Path, **kw: Any) -> dict[str, Any]:
     """One ``rqat-deploy train`` run on the built-in model; returns its stage reports."""
     from rqat_deploy.quant.spec import QuantSpec
-    from rqat_deploy.train.recipes import BUILTIN_PRESET
+    from rqat_deploy.train.recipes import BUILTIN_PRESET, PAPER_STAGE1, PAPER_STAGE2
     from rqat_deploy.train.run import TrainConfig, run_train
 
     bits = kw.pop("bits")
-    cfg = TrainConfig(out=str(out), quant=QuantSpec(bits=bits), force=True, **(BUILTIN_PRESET | kw))
+    paper = {"stage1_options": PAPER_STAGE1, "stage2_options": PAPER_STAGE2}  # the paper's rows, as it ran them
+    cfg = TrainConfig(out=str(out), quant=QuantSpec(bits=bits), force=True, **(BUILTIN_PRESET | paper | kw))
     run_train(cfg, progress=False)
     return json.loads((out / "rqat_quant.json").read_text())["recipe"]["reports"]
 
