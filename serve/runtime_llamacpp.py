@@ -6,6 +6,7 @@ speeds come from llama.cpp's own timers (``llama_perf_context``).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from rqat_deploy.errors import ConfigError, ModelLoadError
 from rqat_deploy.ggml_types import Q2_0_FTYPE
 from rqat_deploy.serve.runtimes import Generation, Runtime, SamplingParams, import_backend, token_rate
 
-__all__ = ["LlamaCppRuntime"]
+__all__ = ["LlamaCppRuntime", "llamacpp_quantize"]
 
 
 #: the first llama-cpp-python whose llama.cpp runs GGUF Q2_0 (ggml type 42) tensors
@@ -33,6 +34,35 @@ def _check_types_supported(llama_cpp: Any, model_path: str, meta: dict[str, Any]
             f"{model_path} holds Q2_0 tensors (ggml type 42), which llama-cpp-python "
             f"{getattr(llama_cpp, '__version__', '?')} cannot run: pip install 'llama-cpp-python>={Q2_0_MIN_VERSION}'"
         )
+
+
+def llamacpp_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], qtype: str, *, threads: int = 1) -> Path:
+    """llama.cpp's own quantizer (``llama_model_quantize``, no importance matrix) on a float GGUF.
+
+    The baseline a user gets from ``llama-quantize SRC DST QTYPE``: llama.cpp picks its per-tensor
+    types for the file type (e.g. Q2_K files keep some tensors wider), and its Q2_0 quantizer is
+    ternary (``d = max|w|``).
+
+    Args:
+        src: an F16 / F32 GGUF.
+        dst: the GGUF to write (replaced if it exists).
+        qtype: a llama.cpp file type name: ``Q2_0``, ``Q2_K``, ``Q3_K_M``, ``Q4_0``...
+        threads: quantization threads.
+
+    Raises:
+        ConfigError: an unknown type for this llama-cpp-python.
+        ModelLoadError: llama.cpp failed to quantize.
+    """
+    llama_cpp = import_backend("llama_cpp", "llama.cpp's quantizer needs llama-cpp-python (the `llamacpp` extra)")
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
+    if ftype is None:
+        raise ConfigError(f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')} has no file type {qtype!r}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise ModelLoadError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc})")
+    return Path(dst)
 
 
 class LlamaCppRuntime(Runtime):

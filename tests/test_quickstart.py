@@ -87,9 +87,11 @@ def test_quickstart_smoke_runs_the_whole_pipeline(cache: Path, tmp_path: Path) -
     )
     result = run_quickstart(cfg, progress=False)
     rows = result["rows"]
-    assert [r["model"] for r in rows] == ["teacher (fp16)", "RTN int2", "rqat int2"]
-    assert [r["gguf_type"] for r in rows] == ["F16", "Q4_0", "Q4_0"] and all(r["exact"] for r in rows)
-    assert rows[1]["file_mb"] < 0.5 * rows[0]["file_mb"]
+    assert [r["model"] for r in rows] == ["teacher (fp16)", "llama.cpp's own Q2_K", "RTN int2", "rqat int2"]
+    assert [r["gguf_type"] for r in rows] == ["F16", "Q2_K", "Q2_K", "Q2_K"]
+    assert [r["exact"] for r in rows] == [True, False, True, True]  # ours: the trained model, bit for bit
+    assert [round(r["bits_per_weight"], 3) for r in rows[2:]] == [2.625, 2.625]  # real 2-bit files
+    assert rows[2]["file_mb"] < 0.5 * rows[0]["file_mb"]
     report = json.loads((tmp_path / "qs" / "bench" / "report.json").read_text())
     for row, (label, summary) in zip(rows, report["models"].items()):
         responses = (tmp_path / "qs" / "bench" / report["responses_files"][label]).read_text().splitlines()
@@ -97,7 +99,7 @@ def test_quickstart_smoke_runs_the_whole_pipeline(cache: Path, tmp_path: Path) -
         assert len(graded) == 4 and row["accuracy"] == sum(graded) / 4
         assert summary["runtime"] == "llama.cpp" and row["thinking_tokens"] > 0
     table = (tmp_path / "qs" / "quickstart.md").read_text()
-    assert table.startswith(format_table(result).splitlines()[0]) and "| rqat int2 | Q4_0 (exact) |" in table
+    assert table.startswith(format_table(result).splitlines()[0]) and "| rqat int2 | Q2_K (exact) | 2.62 |" in table
     with pytest.raises(Exception, match="already exists"):
         run_quickstart(cfg, progress=False)
 

@@ -396,6 +396,9 @@ def inspect(path: str, as_json: bool, verify: bool) -> None:
 @click.option("--out", default="quickstart", show_default=True, type=click.Path(file_okay=False),
               help="Output directory (checkpoints, GGUF files, bench report, table).")
 @click.option("--bits", default=2, show_default=True, type=click.Choice(["2", "3"]), help="Student bit width.")
+@click.option("--grid", default="kquant", show_default=True, type=click.Choice(["kquant", "q2_0"]),
+              help="Students' grid: kquant (GGUF Q2_K / Q3_K, fast llama.cpp kernels) or q2_0 (GGUF Q2_0, 2.25 "
+                   "bits/weight; scalar kernel on x86).")
 @click.option("--per-level", default=25, show_default=True, type=int,
               help="Held-out problems per difficulty level (4 levels).")
 @click.option("--max-tokens", default=256, show_default=True, type=int, help="Generation limit per answer.")
@@ -406,23 +409,25 @@ def inspect(path: str, as_json: bool, verify: bool) -> None:
 @click.option("--no-speed", is_flag=True, help="Skip the fixed-length decode-speed measurement.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-def quickstart(out: str, bits: str, per_level: int, max_tokens: int, threads: int | None, calib_samples: int | None,
-               train_samples: int | None, no_speed: bool, seed: int, force: bool) -> None:
+def quickstart(out: str, bits: str, grid: str, per_level: int, max_tokens: int, threads: int | None,
+               calib_samples: int | None, train_samples: int | None, no_speed: bool, seed: int, force: bool) -> None:
     """Run the whole pipeline offline on the built-in tiny reasoner (~5 min on 2 CPU cores).
 
-    Trains an RTN and an rqat (the paper's recipe) int2 student of the built-in teacher, exports
-    all three models to GGUF, runs them in llama.cpp on held-out problems and prints a table of
-    accuracy, thinking tokens, decode speed and file size.
+    Trains an RTN and an rqat (the flagship recipe) int2 student of the built-in teacher, writes
+    them as exact 2-bit GGUF files (Q2_K; Q2_0 with --grid q2_0), quantizes the teacher with
+    llama.cpp's own quantizer to the same type, runs all four models in llama.cpp on held-out
+    problems and prints a table of bits per weight, accuracy, thinking tokens and decode speed.
 
     \b
     Examples:
       rqat-deploy quickstart
+      rqat-deploy quickstart --grid q2_0 --out qs-q2_0       # llama.cpp's 2.25-bit Q2_0
       rqat-deploy quickstart --bits 3 --out qs3 --threads 2
       rqat-deploy quickstart --per-level 5 --calib-samples 32 --train-samples 128 --out smoke   # ~1 min
     """
     from rqat_deploy.cli.quickstart import QuickstartConfig, format_table, run_quickstart
 
-    cfg = QuickstartConfig(out=out, bits=int(bits), per_level=per_level, max_tokens=max_tokens, threads=threads,
+    cfg = QuickstartConfig(out=out, bits=int(bits), grid=grid, per_level=per_level, max_tokens=max_tokens, threads=threads,
                            calib_samples=calib_samples, train_samples=train_samples, speed=not no_speed, seed=seed,
                            force=force)
     result = run_quickstart(cfg)
