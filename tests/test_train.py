@@ -117,3 +117,13 @@ def test_cli_recipe_choices_are_the_recipe_table() -> None:
 
     choice = next(p for p in train.params if p.name == "recipe").type
     assert tuple(choice.choices) == RECIPES
+
+
+def test_flagship_keeps_gptq_where_stage1_ends_farther_from_the_teacher(tiny_qwen3_dir: Path, data_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """rqat's gptq_guard: a stage 1 that only hurts (absurd learning rates, no block guard) is replaced
+    by plain GPTQ, measured end to end on the held-out calibration sequences."""
+    hurt = {"quant_lr": 0.5, "weight_lr": 0.5, "keep_better": False}
+    out = run_train(_cfg(tiny_qwen3_dir, data_dir, tmp_path / "ck", stage1_options=hurt, max_steps=1), progress=False)
+    guard = json.loads((out / "rqat_quant.json").read_text())["recipe"]["reports"]["gptq_guard"]
+    assert guard["kept"] == "gptq" and guard["gptq_kl"] < guard["stage1_kl"]

@@ -371,11 +371,35 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
                           **cfg.plan.stage1)
         rep = run_stage1(student, cfg.quant, calib.input_ids, s1, work_dir=cfg.work_path / "stage1", device=cfg.device,
                          progress=progress, resume=cfg.resume, backend=cfg.backend)
+        if cfg.plan.gptq_guard:
+            student, reports["gptq_guard"] = _gptq_guard(cfg, teacher, student, calib.input_ids, s1.val_samples,
+                                                         progress=progress)
     reports[cfg.plan.init] = _jsonable(rep)
     save_checkpoint(student, init_ckpt, tokenizer=tok, force=True)
     (cfg.work_path / "init_reports.json").write_text(json.dumps(reports, default=str))
     dist_utils.wait_for_main()
     return reload()
+
+
+def _gptq_guard(
+    cfg: TrainConfig, teacher: Any, student: Any, ids: Any, n_val: int, *, progress: bool
+) -> tuple[Any, dict[str, Any]]:
+    """Plain GPTQ beside the stage-1 result; the one closer to the teacher on the held-out sequences.
+
+    Returns:
+        ``(the kept model, {"stage1_kl", "gptq_kl", "kept"})``: KL is the mean next-token
+        ``KL(teacher || model)`` over the last ``n_val`` calibration sequences (stage 1's held-out ones).
+    """
+    from rqat_deploy.train.compare import model_kl
+    from rqat_deploy.train.gptq import run_gptq
+
+    gptq = copy.deepcopy(teacher)
+    run_gptq(gptq, cfg.quant, ids, device=cfg.device, work_dir=cfg.work_path / "gptq", progress=progress,
+             backend=cfg.backend, compare_rtn=False)
+    held_out = ids[len(ids) - n_val:]
+    kl = {"stage1_kl": model_kl(teacher, student, held_out), "gptq_kl": model_kl(teacher, gptq, held_out)}
+    kept = "gptq" if kl["gptq_kl"] < kl["stage1_kl"] else "stage1"
+    return (gptq if kept == "gptq" else student), kl | {"kept": kept}
 
 
 def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> dict[str, Any]:
