@@ -13,7 +13,8 @@ uniform one (Q2_K with the scale re-quantization search), with and without verif
 the floor of merely reading the checkpoint's tensors and writing the same number of output bytes.
 
 Part 2 (decode): a smaller synthetic model (hidden 1024, 12 layers, ~150M quantized weights)
-exported as Q2_K and Q3_K (kquant checkpoints) and as F16 (the same 2-bit weights stored in F16);
+exported as Q2_K and Q3_K (kquant checkpoints), Q2_0 (a q2_0 checkpoint), Q4_0 (a uniform 2-bit
+checkpoint, exact in the 4.5-bit container) and F16 (the 2-bit Q2_K weights stored in F16);
 llama.cpp (llama-cpp-python) decodes ``--gen`` tokens greedily after a short prompt on
 ``--threads`` threads; prints tokens/s (median of ``--repeats`` runs) and file sizes.
 """
@@ -213,6 +214,10 @@ def bench_decode(root: Path, threads: int, gen: int, repeats: int) -> list[dict[
         files[f"Q{bits}_K"] = export_gguf(ck, root / f"small-q{bits}k.gguf", force=True)
         if bits == 2:
             files["F16"] = export_gguf(ck, root / "small-f16.gguf", gguf_type="F16", force=True)
+    ck, n_quant = make_checkpoint(root / "small-q2_0", bits=2, grid="q2_0", **dims)
+    files["Q2_0"] = export_gguf(ck, root / "small-q2_0.gguf", force=True)  # llama.cpp's 2.25-bit type
+    ck, _ = make_checkpoint(root / "small-u2", bits=2, grid="uniform", **dims)
+    files["Q4_0"] = export_gguf(ck, root / "small-q4_0.gguf", gguf_type="Q4_0", force=True)  # exact 2-bit container
     for name, rep in files.items():
         tps = decode_tps(Path(rep.path), threads, gen, repeats)
         rows.append({

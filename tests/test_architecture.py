@@ -2,7 +2,7 @@
 
 Floors, lowest first; a module may import its own package and the packages listed for it:
 
-    base       rqat_deploy/{errors,files,shards,models}.py        nothing of ours
+    base       rqat_deploy/{errors,files,shards,models,ggml_types}.py   nothing of ours
     kernels    Triton twins of the reference                      base
     quant      spec, grids, reference, QuantLinear, checkpoint    base, kernels (dispatch)
     data       SPECs, loaders, chat, thinking, grading            base
