@@ -7,6 +7,7 @@ Every error a user can cause derives from :class:`RqatError`, so the CLI can pri
 from __future__ import annotations
 
 import difflib
+from typing import Any, Mapping
 
 
 class RqatError(Exception):
@@ -70,3 +71,16 @@ def did_you_mean(value: str, choices: tuple[str, ...] | list[str]) -> str:
     """A ``" (did you mean 'x'?)"`` hint for a misspelled choice, or ``""``."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, limit: int = 3) -> str:
+    """The keys whose values differ between two settings mappings, for a message; ``""`` if none.
+
+    >>> settings_diff({"lr": 1e-3, "seed": 0}, {"lr": 3e-3, "seed": 0})
+    "['lr'] (lr: 0.001 -> 0.003)"
+    """
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not keys:
+        return ""
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:limit])
+    return f"{keys} ({shown})"

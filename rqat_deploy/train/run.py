@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rqat_deploy import __version__
-from rqat_deploy.errors import CheckpointError, ConfigError, OutputExistsError, did_you_mean
+from rqat_deploy.errors import CheckpointError, ConfigError, OutputExistsError, did_you_mean, settings_diff
 from rqat_deploy.files import atomic_write_json, check_no_overlap, check_output, output_lock, read_json
 from rqat_deploy.quant.spec import QuantSpec
 from rqat_deploy.train.recipes import RECIPE_TABLE, RECIPES, Recipe
@@ -208,11 +208,10 @@ def _check_resume(cfg: TrainConfig) -> None:
                 f"{work} holds an interrupted run: pass --resume to continue it, or remove the directory to start over"
             )
         old = read_json(stamp, error=CheckpointError)
-        diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
+        diff = settings_diff(old, recipe)
         if diff:
             raise ConfigError(
-                f"--resume with different settings than the interrupted run in {work}: {diff} "
-                f"({', '.join(f'{k}: {old.get(k)!r} -> {recipe.get(k)!r}' for k in diff[:3])}); resume with the same "
+                f"--resume with different settings than the interrupted run in {work}: {diff}; resume with the same "
                 "flags, or remove the work directory to start over"
             )
         return

@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 
 from rqat_deploy.train import distributed as dist_utils
 from rqat_deploy.data.sft import SFTSet
-from rqat_deploy.errors import CheckpointError, ConfigError, DivergenceError, NonFiniteError, RqatError
+from rqat_deploy.errors import CheckpointError, ConfigError, DivergenceError, NonFiniteError, RqatError, settings_diff
 from rqat_deploy.files import staged_file
 from rqat_deploy.train.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics
 from rqat_deploy.quant.reference import FP16_MAX
@@ -582,13 +582,9 @@ def _load_state(path: Path, cfg: Stage2Config, fingerprint: str) -> dict[str, An
         raise CheckpointError(f"{path} is not a stage-2 state of rqat-deploy: delete it to restart stage 2")
     old = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}
     new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff = settings_diff(old, new, limit=4)
     if diff:
-        raise ConfigError(
-            f"cannot resume from {path}: the settings differ in {diff} "
-            f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff[:4])}); "
-            "resume with the same settings or start a new run"
-        )
+        raise ConfigError(f"cannot resume from {path}: the settings differ in {diff}; resume with the same settings or start a new run")
     if state["data_fingerprint"] != fingerprint:
         raise ConfigError(f"cannot resume from {path}: it was trained on other data (same spec, seed and sizes are needed)")
     return state
