@@ -90,7 +90,7 @@ def test_stage2_lowers_heldout_kl_and_changes_only_scales(env: dict, tmp_path: P
     lines = [json.loads(x) for x in (tmp_path / "stage2_metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if "loss" in x]
     assert [x["step"] for x in train] == list(range(1, 9))
-    assert {"loss_teacher_rectified_ce", "loss_kl_topk", "lr", "grad_norm"} <= set(train[0])
+    assert {"loss_rr", "loss_topk_kl", "lr", "grad_norm"} <= set(train[0])
     assert [x["when"] for x in lines if x.get("event") == "eval"] == ["before", "after"]
     assert (tmp_path / STATE_FILE).exists()
 
@@ -138,7 +138,7 @@ def test_cached_teacher_equals_live_teacher(env: dict, tmp_path: Path) -> None:
     pos = completion_positions(sub.attention_mask, sub.labels)
     h = torch.cat([hid[b, p] for b, p in enumerate(pos)])
     y = torch.cat([sub.labels[b, p + 1] for b, p in enumerate(pos)])
-    cfg = LossConfig("R+S")
+    cfg = LossConfig("rr+topk_kl")
     l_live = chunked_loss(h, head.weight, None, y, t_live, cfg).loss
     assert torch.equal(l_live, chunked_loss(h, head.weight, None, y, t32, cfg).loss)
     # float16 storage: log-probs rounded to 11 significant bits, so |dlogp| <= 2^-11 |logp|; the loss
@@ -258,7 +258,7 @@ def test_gradient_checkpointing_gives_the_same_scales(env: dict) -> None:
 
 def test_config_defaults_and_errors(env: dict) -> None:
     cfg = Stage2Config()
-    assert (cfg.alpha, cfg.beta, cfg.top_k, cfg.global_batch, cfg.loss_terms, cfg.renormalize_topk) == (0.2, 1.0, 20, 64, "R+S", False)
+    assert (cfg.alpha, cfg.beta, cfg.top_k, cfg.global_batch, cfg.loss_terms, cfg.train_form) == (0.2, 1.0, 20, 64, "rr+topk_kl", "scales")
     student = _student(env["ckpt"])
     r = cfg.resolved(student)  # 2-bit, tiny: the paper's small-model 2-bit values
     assert (r.lr, r.epochs) == (5e-6, 3)
@@ -267,7 +267,7 @@ def test_config_defaults_and_errors(env: dict) -> None:
             Stage2Config(**bad)
     with pytest.raises(ConfigError, match="leave none to train"):
         run_stage2(student, env["data"], LiveTeacher(env["teacher"]), _cfg(eval_samples=20), progress=False)
-    cache_needed = _cfg(loss_terms="F", max_steps=1)
+    cache_needed = _cfg(loss_terms="kl", max_steps=1)
     rep = run_stage2(student, env["data"], LiveTeacher(env["teacher"]), cache_needed, progress=False)
     assert rep.final_loss is not None and rep.final_loss > 0
 

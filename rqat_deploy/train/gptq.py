@@ -99,13 +99,6 @@ def _output_mse(e: torch.Tensor, h: torch.Tensor) -> float:
     return float(((e64 @ h.double()) * e64).sum() / (2 * e.shape[0]))
 
 
-def _rtn_weight(w: torch.Tensor, grid: Grid) -> torch.Tensor:
-    q = grid.init(w)
-    s, z, o = _effective(q)
-    codes = reference.quantize_codes(w, s, z, o, q.qmax, q.gs)
-    return reference.dequant(codes, s, z, o, q.gs)
-
-
 @torch.no_grad()
 def gptq_quantize(
     w: torch.Tensor,
@@ -203,7 +196,7 @@ def gptq_quantize(
     codes = reference.quantize_codes(weight, s, z, o, qmax, gs)
     if not (torch.equal(weight, Wq) and torch.equal(codes, Q)):  # pragma: no cover - same operations
         raise RqatError("GPTQ: the per-column quantization differs from the reference form (internal error)")
-    rtn = _output_mse(_rtn_weight(w.float(), grid) - w.float(), h0) if compare_rtn else None
+    rtn = _output_mse(grid.round_to_nearest(w) - w.float(), h0) if compare_rtn else None
     return GPTQResult(
         qcodes=Q.to(torch.uint8),
         params=params,
