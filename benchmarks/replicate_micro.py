@@ -94,8 +94,8 @@ def _record(results: Path, row: dict[str, Any]) -> None:
           f"({row['seconds']:.0f} s)", flush=True)
 
 
-def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int) -> None:
-    """Train and grade every missing run (see the module docstring)."""
+def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int, methods: set[str] | None = None) -> None:
+    """Train and grade every missing run (see the module docstring); only ``methods`` when given."""
     from rqat_deploy.builtin import synth
 
     results = out / "results.jsonl"
@@ -106,7 +106,7 @@ def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int) -> No
              "C, pre-training only": str(synth.default_data_dir().expanduser().resolve() / "general_text.jsonl")}
 
     def step(method: str, bits: int, seed: int, fn: Any) -> None:
-        if (method, bits, seed) in done:
+        if (method, bits, seed) in done or (methods is not None and method not in methods):
             return
         t = time.perf_counter()
         path, reports = fn()
@@ -132,7 +132,8 @@ def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int) -> No
             trained("S", "s", recipe="S")
             trained("R", "r", recipe="R")
             c = d / "c"
-            if any((m, bits, seed) not in done for m in ("C", "C+S", "C+R")) and not (c / "rqat_quant.json").exists():
+            wanted = [m for m in ("C", "C+S", "C+R") if methods is None or m in methods]
+            if any((m, bits, seed) not in done for m in wanted) and not (c / "rqat_quant.json").exists():
                 _train(c, recipe="C", bits=bits, seed=seed)
             step("C", bits, seed, lambda: (c, None))
             trained("C+S", "c_s", recipe="C+S", init_from=str(c))
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-level", type=int, default=50, help="held-out problems per level (4 levels)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=None, choices=["teacher", *METHODS, *MIX_METHODS],
+                        help="run only these methods (the others are skipped, not removed)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
-        run(args.out, args.bits, args.seeds, args.per_level)
+        run(args.out, args.bits, args.seeds, args.per_level, set(args.methods) if args.methods else None)
         print(f"finished in {time.perf_counter() - t0:.0f} s")
     print(table(args.out))
     return 0
