@@ -327,3 +327,55 @@ def test_resume_after_an_lr_search_continues_with_the_chosen_rate(env: dict, tmp
     assert rep_b.lr == rep_a.lr and rep_b.lr_search == rep_a.lr_search and len(rep_a.lr_search) == 2
     for (n, x), (_, y) in zip(_trainable(a).items(), _trainable(b).items()):
         assert torch.equal(x, y), n
+
+
+def test_kd_on_latent_weights_changes_codes_and_keeps_the_checkpoint_exact(env: dict, tmp_path: Path) -> None:
+    """Issue 15, Reasoning-QAT: KD (full KL) trains the latent weights through the straight-through estimator;
+    the codes are re-derived from the trained weights, the grid parameters stay, and the checkpoint written
+    afterwards reloads to exactly the trained model."""
+    from rqat_deploy.quant.checkpoint import load_model, save_checkpoint
+
+    student = _student(env["ckpt"])
+    before = _quant_state(student)
+    cfg = _cfg(train_form="weights", loss_terms="kl", lr=2e-2, epochs=1, betas=(0.9, 0.95))
+    rep = run_stage2(student, env["data"], LiveTeacher(env["teacher"]), cfg, progress=False)
+    assert rep.trainable["tensors"] == len(list(quant_linears(student)))  # the latent weights, nothing else
+    assert all(m.form == "stage1" for _, m in quant_linears(student))
+    after = _quant_state(student)
+    codes = [k for k in after if k.endswith(".qcodes")]
+    assert sum(not torch.equal(before[k], after[k]) for k in codes) >= len(codes) // 2  # codes moved
+    assert all(torch.equal(before[k], after[k]) for k in after if not k.endswith(".qcodes"))  # scales, zeros stay
+    ids = env["data"].subset([0, 1]).input_ids
+    with torch.no_grad():
+        trained = student(input_ids=ids).logits
+    save_checkpoint(student, tmp_path / "ck", tokenizer=env["tok"])
+    reloaded, _ = load_model(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, trained)
+
+
+def test_select_trainable_follows_the_training_form(env: dict) -> None:
+    from rqat_deploy.quant.surgery import select_trainable
+
+    student = _student(env["ckpt"])
+    scales = dict(select_trainable(student, "scales"))
+    assert scales and all(n.endswith(".quantizer.scale") for n in scales)
+    weights = dict(select_trainable(student, "weights", extra_trainable=("*norm*",)))
+    assert {n for n in weights if not n.endswith(".weight") or "norm" not in n} == {
+        f"{n}.weight" for n, _ in quant_linears(student)}
+    assert not any(".quantizer." in n for n in weights)
+    back = dict(select_trainable(student, "scales"))  # latent -> codes again: the same codes, the scales train
+    assert set(back) == set(scales)
+    with pytest.raises(ConfigError, match="training form must be one of"):
+        select_trainable(student, "codes")
+
+
+def test_micro_batches_group_samples_by_length(env: dict) -> None:
+    from rqat_deploy.train.stage2 import _micro_batches
+
+    lengths = env["data"].lengths().tolist()
+    idx = list(range(len(lengths)))
+    mbs = list(_micro_batches(idx, 3, lengths))
+    flat = [i for mb in mbs for i in mb]
+    assert sorted(flat) == idx and all(len(mb) <= 3 for mb in mbs)
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # longest first: padding only within similar lengths
