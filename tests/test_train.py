@@ -93,12 +93,12 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_qwen3_dir: Path, data_
     assert not (tmp_path / "ck.work").exists()
 
 
-@pytest.mark.parametrize("recipe, grid", [("gptq", "kquant"), ("efficientqat", "uniform")])
+@pytest.mark.parametrize("recipe, grid", [("gptq", "kquant"), ("efficientqat", "uniform"), ("awq", "uniform")])
 def test_other_recipes_run(tiny_qwen3_dir: Path, data_dir: Path, tmp_path: Path, recipe: str, grid: str) -> None:
     cfg = _cfg(tiny_qwen3_dir, data_dir, tmp_path / "ck", recipe=recipe, quant=QuantSpec(bits=3, grid=grid))
     out = run_train(cfg, progress=False)
     recipe_rec = json.loads((out / "rqat_quant.json").read_text())["recipe"]
-    assert recipe_rec["plan"]["init"] == ("gptq" if recipe == "gptq" else "stage1")
+    assert recipe_rec["plan"]["init"] == {"gptq": "gptq", "awq": "awq", "efficientqat": "stage1"}[recipe]
     assert ("stage2" in recipe_rec["reports"]) == (recipe == "efficientqat")
 
 

@@ -318,8 +318,8 @@ def _micro_batches(indices: Sequence[int], size: int, lengths: Sequence[int]) ->
 
 
 def _batch(data: SFTSet, idx: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    sub = data.subset(idx)  # padding trimmed to the longest sample of the micro-batch
-    return sub.input_ids.to(device), sub.attention_mask.to(device), sub.labels.to(device)
+    ids, mask, labels = data.subset(idx).padded()  # padded to the longest sample of the micro-batch
+    return ids.to(device), mask.to(device), labels.to(device)
 
 
 def _student_hidden(base: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
