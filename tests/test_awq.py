@@ -13,12 +13,7 @@ from rqat_deploy.quant.spec import QuantSpec
 from rqat_deploy.quant.surgery import prepare_model, quant_linears
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from rqat_deploy.errors import ConfigError, ShapeError
 from rqat_deploy.quant.grids import Grid
@@ -46,8 +45,11 @@ from rqat_deploy.quant.surgery import select_linears, set_submodule
 from rqat_deploy.train.activations import (
     ActivationStore,
     LayerInputs,
+    StopForward,
     capture_layer_inputs,
+    each_block,
     find_decoder_layers,
+    quantize_outside_blocks,
     run_layer,
 )
 
@@ -88,24 +90,21 @@ class AWQGroupReport:
 
 @dataclass
 class AWQReport:
-    """What :func:`run_awq` did: per group the searched scale, per Linear the mean clipping ratio."""
+    """What :func:`run_awq` did.
 
-    groups: list[AWQGroupReport]
-    clip: dict[str, float]
-    skipped_groups: list[str]
-    rtn_modules: list[str]
-    n_samples: int
-    seq_len: int
-    seconds: float
-    config: dict[str, Any]
+    Attributes:
+        groups: per scale group, the searched exponent and the output errors.
+        clip: per clipped Linear, the mean clipping bound as a fraction of ``max|w|``.
+        skipped_groups: groups left unscaled (``v_proj -> o_proj`` under grouped-query attention, or
+            a group with an unquantized Linear).
+        config: the search settings, the calibration size, the spec; ``seconds``, the modules
+            outside the blocks that were quantized round-to-nearest.
+    """
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-
-class _Stop(Exception):
-    pass
+    groups: list[AWQGroupReport] = dataclasses.field(default_factory=list)
+    clip: dict[str, float] = dataclasses.field(default_factory=dict)
+    skipped_groups: list[str] = dataclasses.field(default_factory=list)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -120,14 +119,14 @@ def _module_inputs(
 
     def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen.append((args, kwargs))
-        raise _Stop
+        raise StopForward
 
     handle = inspect.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for a in range(0, len(store), batch):
             try:
                 run_layer(block, store.read(slice(a, a + batch)).to(dev), inputs)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -333,17 +332,12 @@ def run_awq(
     dtype = model.get_input_embeddings().weight.dtype
     hidden = int(model.config.hidden_size)
     st = ActivationStore(n, seq_len, hidden, dtype, mode="memory")
-    report = AWQReport([], {}, [], [], n, seq_len, 0.0,
-                       {"n_grid": N_GRID, "max_shrink": MAX_SHRINK, "clip_tokens": CLIP_TOKENS, "spec": spec.to_dict()})
-    in_blocks: set[str] = set()
+    report = AWQReport(config={"n_grid": N_GRID, "max_shrink": MAX_SHRINK, "clip_tokens": CLIP_TOKENS, "n_samples": n,
+                               "seq_len": seq_len, "spec": spec.to_dict()})
     try:
         inputs = capture_layer_inputs(model, calib_ids, st, device=dev, batch_size=batch_size)
-        for k in tqdm(range(len(layers)), desc=f"AWQ {spec.grid} int{spec.bits}", disable=not progress):
-            block, prefix = layers[k], f"{layers_name}.{k}."
-            names = [s[len(prefix):] for s in selected if s.startswith(prefix)]
-            in_blocks.update(prefix + r for r in names)
-            home = next(block.parameters()).device
-            block.to(dev)
+        for k, block, _, names in each_block(layers_name, layers, selected, dev, desc=f"AWQ {spec.grid} int{spec.bits}",
+                                             progress=progress):
             fp = copy.deepcopy(block)  # the next block reads the full-precision outputs, as llm-awq's run_awq
             _awq_block(block, k, names, grid, st, inputs, dev, batch_size, report)
             for a in range(0, n, batch_size):
@@ -352,11 +346,8 @@ def run_awq(
             del fp
             for rel in names:
                 set_submodule(block, rel, QuantLinear.from_linear(block.get_submodule(rel), spec, backend))
-            block.to(home)
     finally:
         st.close(delete=True)
-    report.rtn_modules = [s for s in selected if s not in in_blocks]
-    for name in report.rtn_modules:
-        set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), spec, backend))
-    report.seconds = time.perf_counter() - t0
+    outside = quantize_outside_blocks(model, layers_name, selected, spec, backend)
+    report.config |= {"rtn_modules": outside, "seconds": round(time.perf_counter() - t0, 3)}
     return report
