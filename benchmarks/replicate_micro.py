@@ -7,25 +7,33 @@ Usage::
     python benchmarks/replicate_micro.py --out runs/micro --table-only     # print the table of finished runs
 
 For each bit width (uniform grid, group 128, the default spec) and seed it trains, from the
-built-in teacher and its built-in data (train-split problems only):
+built-in teacher and its built-in data (train-split problems only), the paper's ablation rows as the
+paper ran them (``--recipe S|R|C|C+S|C+R``: :data:`rqat_deploy.train.recipes.PAPER_ROWS`) and the
+baselines:
 
 - ``RTN``: round to nearest (no data; one run, seed-independent);
-- ``GPTQ``: on the 80/20 calibration mix;
-- ``C``: stage 1 only (block-wise calibration on the 80/20 mix);
-- ``C+S (CE)``: stage 1, then stage-2 scale training with plain cross-entropy on the traces;
-- ``C+R (paper)``: stage 1, then stage 2 with the paper's loss (teacher-rectified reward + top-20 KL);
+- ``GPTQ``, ``AWQ``: on 128 math samples (the built-in traces), as the paper's baselines;
+- ``S``: RTN, then stage-2 scale training with plain cross-entropy (no calibration);
+- ``R``: RTN, then stage 2 with the paper's loss (``rr+topk_kl``: 0.2 x teacher-rectified CE + top-20 KL);
+- ``C``: stage 1 only (block-wise calibration on the 80/20 mix, from RTN, raw block MSE);
+- ``C+S``: stage 1, then stage 2 with plain cross-entropy;
+- ``C+R``: stage 1, then stage 2 with the paper's loss (the paper's method);
+- ``Reasoning-QAT``: GPTQ on 128 math samples, then KD (full-vocabulary KL) on the latent weights
+  through the straight-through estimator, Adam (0.9, 0.95), cosine, 3 % warm-up (the recipe, at the
+  built-in preset's sizes);
 - at 2 bits only, stage 1 on the other calibration mixes: ``C, reasoning only`` (100 % traces) and
   ``C, pre-training only`` (100 % general text).
 
-Both stage-2 runs of a seed start from that seed's stage-1 checkpoint (``--init-from``), so they
-differ only in the loss. Every model is graded greedily on the same ``--per-level`` x 4 held-out
-problems (never seen in training) with PyTorch on the dequantized weights. The table reports, per
-method, the mean accuracy over seeds with a 95 % t-interval over seeds (Wilson over problems for
-RTN and the teacher), the mean thinking length, and the mean paired difference to ``C`` over seeds.
+C+S and C+R of a seed start from that seed's C checkpoint (``--init-from``), so they differ only in
+the loss. Every model is graded greedily on the same ``--per-level`` x 4 held-out problems (never
+seen in training) with PyTorch on the dequantized weights. The table reports, per method, the mean
+accuracy over seeds with a 95 % t-interval over seeds (Wilson over problems for RTN and the
+teacher), the mean thinking length, and the mean paired difference to ``C`` over seeds.
 
 Each run appends one JSON line to ``OUT/results.jsonl``; rerunning skips finished runs, so an
-interrupted replication resumes. The settings are :data:`rqat_deploy.train.recipes.BUILTIN_PRESET` (the
-defaults of ``rqat-deploy train`` without ``--model``); nothing here was tuned on held-out accuracy.
+interrupted replication resumes. The settings are each recipe's defaults for the built-in model
+(:func:`rqat_deploy.train.recipes.option_defaults`: the built-in preset); nothing here was tuned on
+held-out accuracy.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHODS = ("RTN", "GPTQ", "C", "C+S (CE)", "C+R (paper)")
+METHODS = ("RTN", "GPTQ", "AWQ", "S", "R", "C", "C+S", "C+R", "Reasoning-QAT")
 MIX_METHODS = ("C, reasoning only", "C, pre-training only")
 
 
@@ -65,12 +73,10 @@ def _evaluate(model_dir: Path | None, per_level: int) -> dict[str, Any]:
 def _train(out: Path, **kw: Any) -> dict[str, Any]:
     """One ``rqat-deploy train`` run on the built-in model; returns its stage reports."""
     from rqat_deploy.quant.spec import QuantSpec
-    from rqat_deploy.train.recipes import BUILTIN_PRESET, PAPER_STAGE1, PAPER_STAGE2
     from rqat_deploy.train.run import TrainConfig, run_train
 
     bits = kw.pop("bits")
-    paper = {"stage1_options": PAPER_STAGE1, "stage2_options": PAPER_STAGE2}  # the paper's rows, as it ran them
-    cfg = TrainConfig(out=str(out), quant=QuantSpec(bits=bits), force=True, **(BUILTIN_PRESET | paper | kw))
+    cfg = TrainConfig(out=str(out), quant=QuantSpec(bits=bits), force=True, **kw)  # the recipe's built-in defaults
     run_train(cfg, progress=False)
     return json.loads((out / "rqat_quant.json").read_text())["recipe"]["reports"]
 
@@ -88,8 +94,8 @@ def _record(results: Path, row: dict[str, Any]) -> None:
           f"({row['seconds']:.0f} s)", flush=True)
 
 
-def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int) -> None:
-    """Train and grade every missing run (see the module docstring)."""
+def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int, methods: set[str] | None = None) -> None:
+    """Train and grade every missing run (see the module docstring); only ``methods`` when given."""
     from rqat_deploy.builtin import synth
 
     results = out / "results.jsonl"
@@ -100,7 +106,7 @@ def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int) -> No
              "C, pre-training only": str(synth.default_data_dir().expanduser().resolve() / "general_text.jsonl")}
 
     def step(method: str, bits: int, seed: int, fn: Any) -> None:
-        if (method, bits, seed) in done:
+        if (method, bits, seed) in done or (methods is not None and method not in methods):
             return
         t = time.perf_counter()
         path, reports = fn()
@@ -110,27 +116,34 @@ def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int) -> No
         _record(results, row)
         done.add((method, bits, seed))
 
-    step("teacher", 16, 0, lambda: (None, None))
+    if 2 in bits_list:
+        step("teacher", 16, 0, lambda: (None, None))
     for seed in seeds:
         for bits in bits_list:
             d = work / f"b{bits}-s{seed}"
+
+            def trained(method: str, sub: str, **kw: Any) -> None:
+                step(method, bits, seed, lambda: (d / sub, _train(d / sub, bits=bits, seed=seed, **kw)))
+
             if seed == seeds[0]:
                 step("RTN", bits, 0, lambda: (d / "rtn", _train(d / "rtn", recipe="rtn", bits=bits)))
-            step("GPTQ", bits, seed, lambda: (d / "gptq", _train(d / "gptq", recipe="gptq", bits=bits, seed=seed)))
-            s1 = d / "stage1"
-            need_s1 = any((m, bits, seed) not in done for m in ("C", "C+S (CE)", "C+R (paper)"))
-            if need_s1 and not (s1 / "rqat_quant.json").exists():
-                _train(s1, recipe="stage1", bits=bits, seed=seed)
-            step("C", bits, seed, lambda: (s1, None))
-            step("C+S (CE)", bits, seed, lambda: (
-                d / "c_s", _train(d / "c_s", recipe="rqat", loss="C", init_from=str(s1), bits=bits, seed=seed)))
-            step("C+R (paper)", bits, seed, lambda: (
-                d / "c_r", _train(d / "c_r", recipe="rqat", init_from=str(s1), bits=bits, seed=seed)))
+            trained("GPTQ", "gptq", recipe="gptq")
+            trained("AWQ", "awq", recipe="awq")
+            trained("S", "s", recipe="S")
+            trained("R", "r", recipe="R")
+            c = d / "c"
+            wanted = [m for m in ("C", "C+S", "C+R") if methods is None or m in methods]
+            if any((m, bits, seed) not in done for m in wanted) and not (c / "rqat_quant.json").exists():
+                _train(c, recipe="C", bits=bits, seed=seed)
+            step("C", bits, seed, lambda: (c, None))
+            trained("C+S", "c_s", recipe="C+S", init_from=str(c))
+            trained("C+R", "c_r", recipe="C+R", init_from=str(c))
+            trained("Reasoning-QAT", "rqat_kd", recipe="reasoning-qat")
             if bits == 2:
                 for name, spec in mixes.items():
-                    step(name, bits, seed, lambda spec=spec, name=name: (
-                        d / name[3:7], _train(d / name[3:7], recipe="stage1", calib=spec, bits=bits, seed=seed)))
-            shutil.rmtree(d / "gptq", ignore_errors=True)  # keep disk use small; stage 1 stays for reruns
+                    trained(name, name[3:7], recipe="C", calib=spec)
+            for sub in ("rtn", "gptq", "awq", "s", "r", "c_s", "c_r", "rqat_kd", "reas", "pre-"):
+                shutil.rmtree(d / sub, ignore_errors=True)  # keep disk use small; C stays for reruns
 
 
 def _interval(accs: list[float], n_correct: int, n: int) -> tuple[float, float]:
@@ -174,7 +187,9 @@ def table(out: Path) -> str:
             lines.append(f"| {bits} | {method} | {len(rs)} | {statistics.mean(accs):.1%} | [{lo:.1%}, {hi:.1%}] | "
                          f"{delta} | {think:.1f} |")
     lines += ["", "Paired differences (same seed, same problems; mean [95% t-interval over seeds], pp):", ""]
-    for a, b, bits in (("C+R (paper)", "C+S (CE)", 2), ("C+R (paper)", "C+S (CE)", 3), ("C+R (paper)", "GPTQ", 2),
+    for a, b, bits in (("C+R", "C+S", 2), ("C+R", "C+S", 3), ("R", "S", 2), ("R", "S", 3), ("C+S", "S", 2),
+                       ("C+R", "R", 2), ("C+R", "GPTQ", 2), ("AWQ", "GPTQ", 2), ("Reasoning-QAT", "GPTQ", 2),
+                       ("Reasoning-QAT", "C+R", 2), ("Reasoning-QAT", "C+R", 3),
                        ("C", "C, reasoning only", 2), ("C", "C, pre-training only", 2)):
         d = _paired(by.get((a, bits), []), by.get((b, bits), []))
         if d:
@@ -201,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-level", type=int, default=50, help="held-out problems per level (4 levels)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=None, choices=["teacher", *METHODS, *MIX_METHODS],
+                        help="run only these methods (the others are skipped, not removed)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
-        run(args.out, args.bits, args.seeds, args.per_level)
+        run(args.out, args.bits, args.seeds, args.per_level, set(args.methods) if args.methods else None)
         print(f"finished in {time.perf_counter() - t0:.0f} s")
     print(table(args.out))
     return 0

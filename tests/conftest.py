@@ -26,6 +26,17 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small ops on a shared 2-core machine run far faster without OpenMP contention."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Qwen3 (hidden 256, tied embeddings) with the tiny Qwen-style tokenizer."""

@@ -173,3 +173,19 @@ def test_sharded_checkpoint_loads(prepared, tmp_path: Path) -> None:
     loaded, _ = load_model(out)
     with torch.no_grad():
         assert torch.equal(loaded(_ids(tok)).logits, logits)
+
+
+@pytest.mark.parametrize("grid, bits", [("uniform", 2), ("uniform", 3), ("kquant", 2), ("kquant", 3), ("q2_0", 2)])
+def test_to_latent_keeps_the_codes(grid: str, bits: int) -> None:
+    """Issue 15: a stage-2 QuantLinear turned back into its stage-1 form (latent weight = dequantized weight)
+    has the same codes and the same forward."""
+    from rqat_deploy.quant.qlinear import QuantLinear
+    from rqat_deploy.quant.spec import QuantSpec
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 64)
+    q = QuantLinear.from_linear(lin, QuantSpec(bits=bits, grid=grid))
+    q.freeze_codes()
+    codes, w = q.codes().clone(), q.dequantized_weight()
+    q.to_latent()
+    assert q.form == "stage1" and torch.equal(q.codes(), codes) and torch.equal(q.dequantized_weight(), w)

@@ -90,7 +90,7 @@ def test_stage2_lowers_heldout_kl_and_changes_only_scales(env: dict, tmp_path: P
     lines = [json.loads(x) for x in (tmp_path / "stage2_metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if "loss" in x]
     assert [x["step"] for x in train] == list(range(1, 9))
-    assert {"loss_teacher_rectified_ce", "loss_kl_topk", "lr", "grad_norm"} <= set(train[0])
+    assert {"loss_rr", "loss_topk_kl", "lr", "grad_norm"} <= set(train[0])
     assert [x["when"] for x in lines if x.get("event") == "eval"] == ["before", "after"]
     assert (tmp_path / STATE_FILE).exists()
 
@@ -138,7 +138,7 @@ def test_cached_teacher_equals_live_teacher(env: dict, tmp_path: Path) -> None:
     pos = completion_positions(sub.attention_mask, sub.labels)
     h = torch.cat([hid[b, p] for b, p in enumerate(pos)])
     y = torch.cat([sub.labels[b, p + 1] for b, p in enumerate(pos)])
-    cfg = LossConfig("R+S")
+    cfg = LossConfig("rr+topk_kl")
     l_live = chunked_loss(h, head.weight, None, y, t_live, cfg).loss
     assert torch.equal(l_live, chunked_loss(h, head.weight, None, y, t32, cfg).loss)
     # float16 storage: log-probs rounded to 11 significant bits, so |dlogp| <= 2^-11 |logp|; the loss
@@ -258,7 +258,7 @@ def test_gradient_checkpointing_gives_the_same_scales(env: dict) -> None:
 
 def test_config_defaults_and_errors(env: dict) -> None:
     cfg = Stage2Config()
-    assert (cfg.alpha, cfg.beta, cfg.top_k, cfg.global_batch, cfg.loss_terms, cfg.renormalize_topk) == (0.2, 1.0, 20, 64, "R+S", False)
+    assert (cfg.alpha, cfg.beta, cfg.top_k, cfg.global_batch, cfg.loss_terms, cfg.train_form) == (0.2, 1.0, 20, 64, "rr+topk_kl", "scales")
     student = _student(env["ckpt"])
     r = cfg.resolved(student)  # 2-bit, tiny: the paper's small-model 2-bit values
     assert (r.lr, r.epochs) == (5e-6, 3)
@@ -267,7 +267,7 @@ def test_config_defaults_and_errors(env: dict) -> None:
             Stage2Config(**bad)
     with pytest.raises(ConfigError, match="leave none to train"):
         run_stage2(student, env["data"], LiveTeacher(env["teacher"]), _cfg(eval_samples=20), progress=False)
-    cache_needed = _cfg(loss_terms="F", max_steps=1)
+    cache_needed = _cfg(loss_terms="kl", max_steps=1)
     rep = run_stage2(student, env["data"], LiveTeacher(env["teacher"]), cache_needed, progress=False)
     assert rep.final_loss is not None and rep.final_loss > 0
 
@@ -327,3 +327,55 @@ def test_resume_after_an_lr_search_continues_with_the_chosen_rate(env: dict, tmp
     assert rep_b.lr == rep_a.lr and rep_b.lr_search == rep_a.lr_search and len(rep_a.lr_search) == 2
     for (n, x), (_, y) in zip(_trainable(a).items(), _trainable(b).items()):
         assert torch.equal(x, y), n
+
+
+def test_kd_on_latent_weights_changes_codes_and_keeps_the_checkpoint_exact(env: dict, tmp_path: Path) -> None:
+    """Issue 15, Reasoning-QAT: KD (full KL) trains the latent weights through the straight-through estimator;
+    the codes are re-derived from the trained weights, the grid parameters stay, and the checkpoint written
+    afterwards reloads to exactly the trained model."""
+    from rqat_deploy.quant.checkpoint import load_model, save_checkpoint
+
+    student = _student(env["ckpt"])
+    before = _quant_state(student)
+    cfg = _cfg(train_form="weights", loss_terms="kl", lr=2e-2, epochs=1, betas=(0.9, 0.95))
+    rep = run_stage2(student, env["data"], LiveTeacher(env["teacher"]), cfg, progress=False)
+    assert rep.trainable["tensors"] == len(list(quant_linears(student)))  # the latent weights, nothing else
+    assert all(m.form == "stage1" for _, m in quant_linears(student))
+    after = _quant_state(student)
+    codes = [k for k in after if k.endswith(".qcodes")]
+    assert sum(not torch.equal(before[k], after[k]) for k in codes) >= len(codes) // 2  # codes moved
+    assert all(torch.equal(before[k], after[k]) for k in after if not k.endswith(".qcodes"))  # scales, zeros stay
+    ids = env["data"].subset([0, 1]).input_ids
+    with torch.no_grad():
+        trained = student(input_ids=ids).logits
+    save_checkpoint(student, tmp_path / "ck", tokenizer=env["tok"])
+    reloaded, _ = load_model(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, trained)
+
+
+def test_select_trainable_follows_the_training_form(env: dict) -> None:
+    from rqat_deploy.quant.surgery import select_trainable
+
+    student = _student(env["ckpt"])
+    scales = dict(select_trainable(student, "scales"))
+    assert scales and all(n.endswith(".quantizer.scale") for n in scales)
+    weights = dict(select_trainable(student, "weights", extra_trainable=("*norm*",)))
+    assert {n for n in weights if not n.endswith(".weight") or "norm" not in n} == {
+        f"{n}.weight" for n, _ in quant_linears(student)}
+    assert not any(".quantizer." in n for n in weights)
+    back = dict(select_trainable(student, "scales"))  # latent -> codes again: the same codes, the scales train
+    assert set(back) == set(scales)
+    with pytest.raises(ConfigError, match="training form must be one of"):
+        select_trainable(student, "codes")
+
+
+def test_micro_batches_group_samples_by_length(env: dict) -> None:
+    from rqat_deploy.train.stage2 import _micro_batches
+
+    lengths = env["data"].lengths().tolist()
+    idx = list(range(len(lengths)))
+    mbs = list(_micro_batches(idx, 3, lengths))
+    flat = [i for mb in mbs for i in mb]
+    assert sorted(flat) == idx and all(len(mb) <= 3 for mb in mbs)
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # longest first: padding only within similar lengths

@@ -214,7 +214,7 @@ def test_two_process_ddp_equals_single_process_and_only_rank0_writes(env: dict, 
     assert [m["step"] for m in ddp_log] == [1, 2, 3, 4]
     for s, p in zip(single_log, ddp_log):
         assert p["tokens"] == s["tokens"]  # the global batch's completion tokens
-        for k in ("loss", "loss_teacher_rectified_ce", "loss_kl_topk", "grad_norm"):
+        for k in ("loss", "loss_rr", "loss_topk_kl", "grad_norm"):
             assert p[k] == pytest.approx(s[k], rel=1e-5), (p["step"], k)
 
     # only rank 0 wrote: the state (saved on the interruption, then at the end) and the metrics
@@ -279,10 +279,10 @@ def env_rtn_param(env: dict, name: str) -> torch.Tensor:
     """The RTN starting value of a trainable tensor (cached per module run)."""
     if "rtn_params" not in env:
         from rqat_deploy.quant.checkpoint import load_model
-        from rqat_deploy.train.stage2 import trainable_parameters
+        from rqat_deploy.quant.surgery import select_trainable
 
         model, _ = load_model(env["ckpt"], form="stage2")
-        env["rtn_params"] = {n: p.detach().clone() for n, p in trainable_parameters(model, _stage2_config())}
+        env["rtn_params"] = {n: p.detach().clone() for n, p in select_trainable(model, _stage2_config().train_form)}
     return env["rtn_params"][name]
 
 

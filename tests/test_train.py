@@ -58,7 +58,7 @@ def test_rqat_recipe_trains_scales_only_and_records_everything(tiny_qwen3_dir: P
     assert sum(not torch.equal(init[k], final[k]) for k in scales) >= len(scales) // 2  # scales trained
     meta = json.loads((out / "rqat_quant.json").read_text())
     recipe = meta["recipe"]
-    assert recipe["name"] == "rqat" and recipe["plan"]["loss"] == "R+S" and recipe["alpha"] == 0.2
+    assert recipe["name"] == "rqat" and recipe["plan"]["loss"] == "rr+topk_kl" and recipe["alpha"] == 0.2
     assert {"calibration", "stage1", "train_data", "stage2"} <= set(recipe["reports"])
     s1 = recipe["reports"]["stage1"]["blocks"]
     assert len(s1) == 2
@@ -93,12 +93,12 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_qwen3_dir: Path, data_
     assert not (tmp_path / "ck.work").exists()
 
 
-@pytest.mark.parametrize("recipe, grid", [("gptq", "kquant"), ("efficientqat", "uniform")])
+@pytest.mark.parametrize("recipe, grid", [("gptq", "kquant"), ("efficientqat", "uniform"), ("awq", "uniform")])
 def test_other_recipes_run(tiny_qwen3_dir: Path, data_dir: Path, tmp_path: Path, recipe: str, grid: str) -> None:
     cfg = _cfg(tiny_qwen3_dir, data_dir, tmp_path / "ck", recipe=recipe, quant=QuantSpec(bits=3, grid=grid))
     out = run_train(cfg, progress=False)
     recipe_rec = json.loads((out / "rqat_quant.json").read_text())["recipe"]
-    assert recipe_rec["plan"]["init"] == ("gptq" if recipe == "gptq" else "stage1")
+    assert recipe_rec["plan"]["init"] == {"gptq": "gptq", "awq": "awq", "efficientqat": "stage1"}[recipe]
     assert ("stage2" in recipe_rec["reports"]) == (recipe == "efficientqat")
 
 
@@ -127,3 +127,44 @@ def test_flagship_keeps_gptq_where_stage1_ends_farther_from_the_teacher(tiny_qwe
     out = run_train(_cfg(tiny_qwen3_dir, data_dir, tmp_path / "ck", stage1_options=hurt, max_steps=1), progress=False)
     guard = json.loads((out / "rqat_quant.json").read_text())["recipe"]["reports"]["gptq_guard"]
     assert guard["kept"] == "gptq" and guard["gptq_kl"] < guard["stage1_kl"]
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3 whose context (8,192) holds a trace longer than the old 4,096-token stage-2 cut."""
+    from rqat_deploy.builtin.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("long_ctx"), "qwen3", max_position_embeddings=8192)
+
+
+def test_stage2_trains_whole_traces_by_default(long_model: Path, tmp_path: Path) -> None:
+    """Issue 15: stage 2 keeps a long trace whole (its </think>, answer and end-of-turn token are labels)
+    up to the model's context length; --train-seq-len caps it, and the report counts what was cut."""
+    from transformers import AutoTokenizer
+
+    from rqat_deploy.data.sft import build_sft
+
+    rng = random.Random(1)
+    steps = "\n".join(f"Step {i}: {rng.randint(1, 99)} + {rng.randint(1, 99)} checks out." for i in range(350))
+    rows = [("What is 2 + 3?", f"<think>\n{steps}\n</think>\n\nThe answer is \\boxed{{5}}.")]
+    rows += [(f"What is {a} + 1?", f"<think>\n{a} + 1 = {a + 1}\n</think>\n\nThe answer is \\boxed{{{a + 1}}}.") for a in range(7)]
+    data = tmp_path / "traces.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+                            for q, a in rows))
+    tok = AutoTokenizer.from_pretrained(long_model)
+    cfg = TrainConfig(model=str(long_model), out=str(tmp_path / "ck"), recipe="S", quant=QuantSpec(bits=2),
+                      train_data=str(data), train_samples=8, global_batch=4, stage2_epochs=1, stage2_lr=1e-3, max_steps=1)
+    assert cfg.train_seq_len is None
+    out = run_train(cfg, progress=False)
+    reports = json.loads((out / "rqat_quant.json").read_text())["recipe"]["reports"]
+    assert reports["stage2"]["data"] == {"seq_len": 8192, "truncated": 0, "truncated_tokens": 0}
+    whole = build_sft(tok, str(data), 8, 8192, seed=0)
+    longest = int(whole.lengths().argmax())
+    assert int(whole.lengths()[longest]) > 4096  # longer than the old default cut
+    ids, _, labels = whole.subset([longest]).padded()
+    completion = labels[0][labels[0] != -100]
+    assert "</think>" in tok.decode(completion) and "\\boxed{5}" in tok.decode(completion)
+    assert tok.decode(completion).rstrip().endswith("<|im_end|>")  # the end-of-turn (EOS) token is trained
+    assert tok.convert_tokens_to_ids("<|im_end|>") in completion.tolist()
+    cut = build_sft(tok, str(data), 8, 4096, seed=0)  # what the old default did
+    assert cut.report["truncated"] == 1 and cut.report["truncated_tokens"] == int(whole.lengths()[longest]) - 4096
+    cut_labels = cut.subset([longest]).padded()[2][0]
+    assert "</think>" not in tok.decode(cut_labels[cut_labels != -100])

@@ -22,6 +22,7 @@ import click
 
 from rqat_deploy import __version__
 from rqat_deploy.errors import RqatError
+from rqat_deploy.train.recipes import RECIPES
 
 #: set to 1 to see the traceback of any error (same as ``rqat-deploy --debug``)
 DEBUG_ENV = "RQAT_DEPLOY_DEBUG"
@@ -151,30 +152,46 @@ def cli(debug: bool) -> None:
               help="Hub id or local directory of the full-precision model (default: the built-in tiny reasoner, "
                    "trained on its built-in data with smaller defaults; see README).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
-@click.option("--recipe", default="rqat", show_default=True,
-              type=click.Choice(["rqat", "rqat-released", "stage1", "rtn", "gptq", "efficientqat", "reasoning-qat"]),
-              help="rqat: the paper (stage 1 + R+S scale training); stage1: calibration only; see README for the others.")
+@click.option("--recipe", default="rqat", show_default=True, type=click.Choice(list(RECIPES)),
+              help="rqat: our flagship (stage 1 from GPTQ + scale training with rr+topk_kl, guarded); the paper's "
+                   "ablation rows as the paper ran them: S (RTN, then CE), R (RTN, then rr+topk_kl), C (stage 1 only), "
+                   "C+S (stage 1, then CE), C+R (stage 1, then rr+topk_kl: the paper's method); rtn, gptq, awq "
+                   "(128 math samples); reasoning-qat (GPTQ on math, then KD on the latent weights); see README.")
 @click.option("--bits", default=2, show_default=True, type=click.Choice(["2", "3", "4"]), help="Weight bit width.")
 @click.option("--grid", default="uniform", show_default=True, type=click.Choice(["uniform", "kquant", "q2_0"]),
               help="uniform: asymmetric per-group (GPTQ / compressed-tensors exact); kquant: llama.cpp Q2_K/Q3_K "
                    "(GGUF exact); q2_0: llama.cpp Q2_0, 2 bits in groups of 64 (exact in GGUF and safetensors).")
 @click.option("--group-size", default=128, show_default=True, type=int, help="Uniform-grid group size.")
 @click.option("--exclude", multiple=True, help="Module-name pattern to keep in floating point (repeatable).")
-@click.option("--calib", default=None, help="Calibration SPEC 'source[:weight],...' or 'builtin' (default: OpenThoughts3:0.8,FineWeb-Edu:0.2; "
-                   "the built-in 80/20 mix without --model).")
-@click.option("--calib-samples", default=4096, show_default=True, type=int)
-@click.option("--calib-seq-len", default=2048, show_default=True, type=int)
-@click.option("--train-data", default=None, help="Stage-2 SPEC of reasoning conversations or 'builtin' (default: OpenThoughts3; the built-in "
-                   "traces without --model).")
-@click.option("--train-samples", default=32768, show_default=True, type=int)
-@click.option("--train-seq-len", default=4096, show_default=True, type=int)
+@click.option("--calib", default=None, help="Calibration SPEC 'source[:weight],...' or 'builtin' (default: the recipe's: "
+                   "OpenThoughts3:0.8,FineWeb-Edu:0.2, or NuminaMath-1.5 for gptq / awq / reasoning-qat; built-in data "
+                   "without --model).")
+@click.option("--calib-samples", default=None, type=int,
+              help="Calibration sequences (default: the recipe's: 4096, 128 for gptq / awq / reasoning-qat; 256 / 128 "
+                   "without --model).")
+@click.option("--calib-seq-len", default=None, type=int, help="Tokens per calibration sequence (default 2048; 512 without --model).")
+@click.option("--train-data", default=None, help="Stage-2 SPEC of reasoning conversations or 'builtin' (default: the recipe's: "
+                   "OpenThoughts3, or OpenR1-Math for reasoning-qat; the built-in traces without --model).")
+@click.option("--train-samples", default=None, type=int,
+              help="Stage-2 samples (default: the recipe's: 32768; 64064 for reasoning-qat; 2048 without --model).")
+@click.option("--train-seq-len", default=None, type=int,
+              help="Cap on stage-2 sample length; longer samples are cut and counted in the report (default: none, "
+                   "whole samples up to the model's context length, as the paper trains; rqat-released: 1024).")
 @click.option("--stage1-epochs", default=2, show_default=True, type=int)
-@click.option("--stage2-epochs", default=None, type=int, help="Default: the paper's (3 at 2-bit <=2B params, else 1).")
-@click.option("--stage2-lr", default=None, type=float, help="Default: the paper's (1e-6 3-bit, 5e-6 / 1e-4 2-bit).")
-@click.option("--loss", default=None, help="Stage-2 loss terms, e.g. R+S (paper), C, S, R, C+S, C+R (ablations).")
+@click.option("--stage2-epochs", default=None, type=int,
+              help="Default: the recipe's, else the paper's (3 at 2-bit <=2B params, else 1); 1 without --model.")
+@click.option("--stage2-lr", default=None, type=float,
+              help="Default: the recipe's (reasoning-qat 1e-6), else the paper's (1e-6 3-bit, 5e-6 / 1e-4 2-bit); 1e-3 "
+                   "without --model (1e-4 for reasoning-qat's latent weights).")
+@click.option("--loss", default=None,
+              help="Stage-2 loss terms joined by '+': ce (cross-entropy), rr (teacher reward-rectified CE), dft, "
+                   "topk_kl (KL over the teacher's top-20, a partial sum, not renormalised: the paper's and the released "
+                   "code's), topk_kl_renorm (renormalised over the top-20), jsd, jsd_renorm, kl (full vocabulary); or a "
+                   "preset: paper (= rr+topk_kl), released (= ce+jsd). The paper's ablation rows are --recipe values.")
 @click.option("--alpha", default=0.2, show_default=True, type=float, help="Weight of the CE-type term.")
 @click.option("--beta", default=1.0, show_default=True, type=float, help="Weight of the divergence term.")
-@click.option("--global-batch", default=64, show_default=True, type=int, help="Stage-2 samples per optimizer step.")
+@click.option("--global-batch", default=None, type=int,
+              help="Stage-2 samples per optimizer step (default: the recipe's: 64, 32 for reasoning-qat; 16 without --model).")
 @click.option("--micro-batch", default=1, show_default=True, type=int, help="Stage-2 samples per forward (accumulation).")
 @click.option("--max-steps", default=None, type=int, help="Cap on stage-2 optimizer steps.")
 @click.option("--init-from", default=None, type=click.Path(exists=True, file_okay=False),
@@ -191,28 +208,23 @@ def cli(debug: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its work directory.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
-@click.pass_context
-def train(ctx: click.Context, **kw: Any) -> None:
+def train(**kw: Any) -> None:
     """Quantize a model and write a quantized checkpoint.
 
     \b
     Examples:
       rqat-deploy train --out tiny-int2 --grid kquant   # built-in tiny reasoner and data, offline, ~3 min on CPU
-      rqat-deploy train --model Qwen/Qwen3-1.7B --bits 2 --out qwen3-int2            # the paper's recipe
+      rqat-deploy train --model Qwen/Qwen3-1.7B --bits 2 --out qwen3-int2            # the flagship recipe
+      rqat-deploy train --model Qwen/Qwen3-1.7B --bits 2 --recipe C+R --out c-r      # the paper's method as written
       rqat-deploy train --model ./my-model --recipe rtn --bits 2 --grid kquant --out ckpt
       rqat-deploy train --model ./my-model --recipe gptq --bits 3 --calib data.jsonl --out ckpt3
-      rqat-deploy train --model ./m --calib mix.jsonl --train-data traces.jsonl --loss C+S --out ablation
+      rqat-deploy train --model ./m --calib mix.jsonl --train-data traces.jsonl --loss ce+topk_kl --out kd
       rqat-deploy train --config run.toml --bits 3      # flags override the file
       rqat-deploy train --config run.toml --resume      # continue after Ctrl-C
     """
     from rqat_deploy.quant.spec import QuantSpec
-    from rqat_deploy.train.recipes import BUILTIN_PRESET
     from rqat_deploy.train.run import TrainConfig, run_train
 
-    if kw["model"] is None:  # the built-in model: its own defaults where neither flag nor --config set one
-        for name, value in BUILTIN_PRESET.items():
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
-                kw[name] = value
     spec = QuantSpec(bits=int(kw.pop("bits")), grid=kw.pop("grid"), group_size=kw.pop("group_size"),
                      exclude=tuple(kw.pop("exclude")))
     kw["teacher_cache"] = not kw.pop("no_teacher_cache")

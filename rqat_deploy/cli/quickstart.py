@@ -57,7 +57,8 @@ class QuickstartConfig:
             saves, 334 vs ~3,600 decode tok/s measured on two cores).
         calib_samples, calib_seq_len, train_samples, train_seq_len, stage1_epochs, stage2_lr,
             global_batch: training settings; None = the built-in model's defaults
-            (:data:`rqat_deploy.train.recipes.BUILTIN_PRESET`). Smaller values make a smoke run.
+            (:data:`rqat_deploy.train.recipes.BUILTIN_PRESET`; ``train_seq_len`` None: whole samples).
+            Smaller values make a smoke run.
         speed: also run the fixed-length decode-speed measurement.
         seed: training seed.
         force: replace an existing ``out``.
@@ -101,7 +102,7 @@ class QuickstartConfig:
         from rqat_deploy.train.recipes import BUILTIN_PRESET
 
         mine = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        keys = set(BUILTIN_PRESET) | {"stage1_epochs"}
+        keys = set(BUILTIN_PRESET) | {"stage1_epochs", "train_seq_len"}
         return dict(BUILTIN_PRESET) | {k: mine[k] for k in keys if mine.get(k) is not None}
 
 

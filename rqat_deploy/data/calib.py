@@ -19,10 +19,15 @@ from rqat_deploy.data.mixing import SourceStats, permutation, rendered_batches, 
 from rqat_deploy.data.records import FieldMap
 from rqat_deploy.data.spec import Source
 
-__all__ = ["DEFAULT_CALIB_SAMPLES", "DEFAULT_CALIB_SEQ_LEN", "DEFAULT_CALIB_SPEC", "CalibSet", "build_calibration"]
+__all__ = [
+    "DEFAULT_CALIB_SAMPLES", "DEFAULT_CALIB_SEQ_LEN", "DEFAULT_CALIB_SPEC", "MATH_CALIB_SPEC", "CalibSet", "build_calibration",
+]
 
 #: The paper's calibration mix (DESIGN.md 5): 80 % reasoning traces, 20 % pre-training text.
 DEFAULT_CALIB_SPEC = "open-thoughts/OpenThoughts3-1.2M:0.8,HuggingFaceFW/fineweb-edu:0.2"
+#: Math calibration data (problem + solution), as the GPTQ / AWQ baselines of the paper and
+#: Reasoning-QAT's GPTQ start calibrate: NuminaMath-1.5 (DESIGN.md 5).
+MATH_CALIB_SPEC = "AI-MO/NuminaMath-1.5"
 DEFAULT_CALIB_SAMPLES = 4096
 DEFAULT_CALIB_SEQ_LEN = 2048
 

@@ -53,6 +53,7 @@ class SourceStats:
     tokens: int = 0
     completion_tokens: int = 0
     truncated: int = 0
+    truncated_tokens: int = 0
     kinds: Counter = field(default_factory=Counter)
 
     def to_dict(self, total_weight: float, n_total: int, tokens_total: int) -> dict[str, Any]:
@@ -68,6 +69,7 @@ class SourceStats:
             "token_fraction": round(self.tokens / tokens_total, 6) if tokens_total else 0.0,
             "completion_tokens": self.completion_tokens,
             "truncated": self.truncated,
+            "truncated_tokens": self.truncated_tokens,
             "records_read": self.records_read,
             "records_skipped": dict(self.skipped),
             "record_kinds": dict(self.kinds),

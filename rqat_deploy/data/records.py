@@ -6,7 +6,7 @@ Records are recognised by their fields (names configurable with :class:`FieldMap
 |------------------|---------------------------------------------------------|-------------------------------|
 | ShareGPT         | ``conversations``: ``[{from, value}]``                  | the tokenizer's chat template |
 | OpenAI           | ``messages``: ``[{role, content}]``                     | the tokenizer's chat template |
-| prompt/response  | ``prompt`` / ``question`` / ``problem`` / ``instruction`` + ``response`` / ``completion`` / ``output`` (+ optional ``system``, ``reasoning_content`` / ``reasoning`` / ``thinking``) | chat template, one user turn + one assistant turn |
+| prompt/response  | ``prompt`` / ``question`` / ``problem`` / ``instruction`` + ``response`` / ``completion`` / ``output`` / ``solution`` (+ optional ``system``, ``reasoning_content`` / ``reasoning`` / ``thinking``) | chat template, one user turn + one assistant turn |
 | plain text       | ``text``                                                | raw text (pre-training data)  |
 
 A reasoning trace given separately (``reasoning_content`` of a message, or a ``reasoning`` field) is
@@ -55,7 +55,7 @@ class FieldMap:
     conversations: tuple[str, ...] = ("conversations",)
     messages: tuple[str, ...] = ("messages",)
     prompt: tuple[str, ...] = ("prompt", "question", "problem", "instruction")
-    response: tuple[str, ...] = ("response", "completion", "output")
+    response: tuple[str, ...] = ("response", "completion", "output", "solution")
     reasoning: tuple[str, ...] = ("reasoning_content", "reasoning", "thinking")
     system: tuple[str, ...] = ("system",)
     text: tuple[str, ...] = ("text",)

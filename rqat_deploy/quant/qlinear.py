@@ -5,6 +5,8 @@
 - ``stage2``: the integer codes are frozen buffers; the forward dequantizes them
   (``W = s*(q - z) - o``) and only the scales train.
 
+:meth:`QuantLinear.freeze_codes` goes from the first form to the second, :meth:`QuantLinear.to_latent`
+back (the latent weight is the dequantized weight, so the codes are the same until it trains).
 In both forms the weight the forward multiplies with is exactly the checkpoint's dequantized weight
 (DESIGN.md 3) once :meth:`QuantLinear.checkpoint_tensors` has been written.
 """
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rqat_deploy.errors import RqatError
 from rqat_deploy.quant import backend
 from rqat_deploy.quant import reference
 from rqat_deploy.quant.grids import GridQuantizer
@@ -105,6 +108,22 @@ class QuantLinear(nn.Module):
             self.qcodes = self.codes()
             self.weight = None
         self.quantizer.set_stage2(train_sub_scales)
+
+    @torch.no_grad()
+    def to_latent(self) -> None:
+        """Switch to the stage-1 form: the latent weight is the dequantized weight (same codes).
+
+        Raises:
+            RqatError: the dequantized weight does not round back to the stored codes (names how many).
+        """
+        if self.weight is not None:
+            return
+        codes = self.qcodes
+        self.weight = nn.Parameter(self.dequantized_weight())
+        self.qcodes = None
+        if not torch.equal(self.codes(), codes):
+            bad = int((self.codes() != codes).sum())
+            raise RqatError(f"{bad} codes do not round-trip through the dequantized weight: this grid cannot train latent weights")
 
     @torch.no_grad()
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:

@@ -2,12 +2,14 @@
 
     prepare_model(model, spec)   # Linear -> QuantLinear (stage-1 form, RTN / k-quant search init)
     freeze_codes(model)          # stage-1 -> stage-2 form (codes frozen, scales train)
+    select_trainable(model, form)  # what end-to-end training trains: the scales or the latent weights
     convert_model(model)         # QuantLinear -> Linear with the dequantized weight
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import fnmatch
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -102,6 +104,62 @@ def freeze_codes(model: nn.Module, train_sub_scales: bool = False) -> None:
         p.requires_grad_(False)
     for _, mod in quant_linears(model):
         mod.freeze_codes(train_sub_scales)
+
+
+#: What end-to-end training trains (:func:`select_trainable`): ``scales`` = the quantization scales with
+#: the integer codes frozen (the paper's stage 2); ``weights`` = the latent float weights through the
+#: straight-through estimator with the grid parameters frozen (Reasoning-QAT's KD, the released code
+#: of the paper); the codes are re-derived from the trained weights when the checkpoint is written.
+TRAIN_FORMS = ("scales", "weights")
+
+
+def select_trainable(
+    model: nn.Module,
+    form: str,
+    *,
+    train_sub_scales: bool = False,
+    extra_trainable: Sequence[str] = (),
+) -> list[tuple[str, nn.Parameter]]:
+    """Put every QuantLinear in the training form ``form``, freeze everything else, return what trains.
+
+    The one place that decides what an end-to-end stage trains (stage 2, and any later stage that
+    follows the same training form): ``scales`` switches each QuantLinear to its stage-2 form
+    (codes frozen; :meth:`QuantLinear.freeze_codes`) and trains its grid's stage-2 scales;
+    ``weights`` switches it to its stage-1 form (:meth:`QuantLinear.to_latent`: the latent weight
+    starts at the dequantized weight) and trains the latent weight, the grid parameters frozen.
+
+    Args:
+        model: a model holding QuantLinear modules (either form).
+        form: one of :data:`TRAIN_FORMS`.
+        train_sub_scales: ``scales`` form, k-quant grid: also train the integer sub-scales.
+        extra_trainable: ``fnmatch`` patterns of further parameter names to train (e.g. ``"*norm*"``).
+
+    Returns:
+        ``(name, parameter)`` of every parameter that trains, in ``model.named_parameters()`` order.
+
+    Raises:
+        ConfigError: an unknown form, no QuantLinear in ``model``, or nothing to train.
+    """
+    if form not in TRAIN_FORMS:
+        raise ConfigError(f"training form must be one of {TRAIN_FORMS}, got {form!r}")
+    mods = list(quant_linears(model))
+    if not mods:
+        raise ConfigError("end-to-end training needs a quantized model (QuantLinear modules): quantize it or load a checkpoint")
+    if form == "scales":
+        freeze_codes(model, train_sub_scales)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, mod in mods:
+            mod.to_latent()
+            mod.weight.requires_grad_(True)
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pat) for pat in extra_trainable):
+            p.requires_grad_(True)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing trains: check train_sub_scales / extra_trainable")
+    return params
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rqat_deploy.errors import ConfigError, ShapeError
 
@@ -327,8 +328,34 @@ def run_layer(layer: nn.Module, x: torch.Tensor, inputs: LayerInputs) -> torch.T
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class _StopForward(Exception):
-    """Raised by the layer-0 pre-hook to end a forward once its inputs are recorded."""
+def each_block(
+    layers_name: str, layers: nn.ModuleList, selected: Sequence[str], device: torch.device, *, desc: str, progress: bool,
+) -> Iterator[tuple[int, nn.Module, str, list[str]]]:
+    """For a block-by-block pass (GPTQ, AWQ): ``(k, block, prefix, names)`` per decoder block, the block
+    moved to ``device`` while the caller works on it and back afterwards; ``names`` are the block's
+    ``selected`` Linears relative to it (``prefix`` is the block's name with a trailing dot)."""
+    for k in tqdm(range(len(layers)), desc=desc, disable=not progress):
+        block, prefix = layers[k], f"{layers_name}.{k}."
+        home = next(block.parameters()).device
+        block.to(device)
+        yield k, block, prefix, [s[len(prefix):] for s in selected if s.startswith(prefix)]
+        block.to(home)
+
+
+def quantize_outside_blocks(model: nn.Module, layers_name: str, selected: Sequence[str], spec: Any,
+                            backend: str | None) -> list[str]:
+    """Quantize round-to-nearest the ``selected`` Linears outside the decoder blocks (e.g. ``lm_head``); their names."""
+    from rqat_deploy.quant.qlinear import QuantLinear
+    from rqat_deploy.quant.surgery import set_submodule
+
+    outside = [s for s in selected if not s.startswith(f"{layers_name}.")]
+    for name in outside:
+        set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), spec, backend))
+    return outside
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward once it has what it needs (the layer-0 inputs, a Linear's inputs)."""
 
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
@@ -393,13 +420,13 @@ def capture_layer_inputs(
     def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         got["x"] = args[0] if args else kwargs["hidden_states"]
         got["kwargs"] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
-        raise _StopForward
+        raise StopForward
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         ids = input_ids.to(device)
         base(input_ids=ids[:1], use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     else:  # pragma: no cover - a model that never calls layer 0
         handle.remove()
@@ -409,7 +436,7 @@ def capture_layer_inputs(
         for start in range(0, ids.shape[0] if store is not None else 0, batch_size):
             try:
                 base(input_ids=ids[start : start + batch_size], use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             store.write(slice(start, start + got["x"].shape[0]), got["x"])
     finally:

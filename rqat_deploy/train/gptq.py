@@ -31,16 +31,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from rqat_deploy.quant import reference
 from rqat_deploy.train.activations import (
     ActivationStore,
     LayerInputs,
+    StopForward,
     capture_layer_inputs,
+    each_block,
     choose_store_mode,
     find_decoder_layers,
     paired_batches,
+    quantize_outside_blocks,
     run_layer,
     store_nbytes,
 )
@@ -97,13 +99,6 @@ def _output_mse(e: torch.Tensor, h: torch.Tensor) -> float:
     """``tr(E H E^T) / (2 out)`` in float64."""
     e64 = e.double()
     return float(((e64 @ h.double()) * e64).sum() / (2 * e.shape[0]))
-
-
-def _rtn_weight(w: torch.Tensor, grid: Grid) -> torch.Tensor:
-    q = grid.init(w)
-    s, z, o = _effective(q)
-    codes = reference.quantize_codes(w, s, z, o, q.qmax, q.gs)
-    return reference.dequant(codes, s, z, o, q.gs)
 
 
 @torch.no_grad()
@@ -203,7 +198,7 @@ def gptq_quantize(
     codes = reference.quantize_codes(weight, s, z, o, qmax, gs)
     if not (torch.equal(weight, Wq) and torch.equal(codes, Q)):  # pragma: no cover - same operations
         raise RqatError("GPTQ: the per-column quantization differs from the reference form (internal error)")
-    rtn = _output_mse(_rtn_weight(w.float(), grid) - w.float(), h0) if compare_rtn else None
+    rtn = _output_mse(grid.round_to_nearest(w) - w.float(), h0) if compare_rtn else None
     return GPTQResult(
         qcodes=Q.to(torch.uint8),
         params=params,
@@ -291,10 +286,6 @@ class GPTQReport:
         return dataclasses.asdict(self)
 
 
-class _Stop(Exception):
-    pass
-
-
 def _call_groups(block: nn.Module, names: list[str], x: torch.Tensor, inputs: LayerInputs) -> list[list[str]]:
     """Group ``names`` by call order: consecutive Linears fed the same tensor form a group (q/k/v, gate/up)."""
     calls: list[tuple[str, torch.Tensor]] = []
@@ -339,7 +330,7 @@ def _hessians(
             hs[n] = x.t() @ x if hs[n] is None else hs[n].addmm_(x.t(), x)
             rows[n] += x.shape[0]
             if n == last:
-                raise _Stop
+                raise StopForward
 
         return hook
 
@@ -348,7 +339,7 @@ def _hessians(
         for _, (x,) in paired_batches([store], idx, batch):
             try:
                 run_layer(block, x.to(device=dev, dtype=dtype), inputs)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         for hk in hooks:
@@ -489,15 +480,10 @@ def run_gptq(
     path = base / "gptq_acts.bin" if base is not None else None
     st = ActivationStore(n, seq_len, hidden, dtype, mode=mode, path=path)
     reports: list[GPTQLayerReport] = []
-    in_blocks: set[str] = set()
     try:
         inputs = capture_layer_inputs(model, calib_ids, st, device=dev, batch_size=batch_size)
-        for k in tqdm(range(len(layers)), desc=f"GPTQ {spec.grid} int{spec.bits}", disable=not progress):
-            block, prefix = layers[k], f"{layers_name}.{k}."
-            names = [s[len(prefix) :] for s in selected if s.startswith(prefix)]
-            in_blocks.update(prefix + r for r in names)
-            home = next(block.parameters()).device
-            block.to(dev)
+        for _, block, prefix, names in each_block(layers_name, layers, selected, dev, desc=f"GPTQ {spec.grid} int{spec.bits}",
+                                                  progress=progress):
             reports += gptq_block(
                 block, names, spec, st, inputs, prefix=prefix, device=dev, batch_size=batch_size, dtype=dtype,
                 damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential,
@@ -507,10 +493,7 @@ def run_gptq(
                 for start in range(0, n, batch_size):
                     sl = slice(start, min(start + batch_size, n))
                     st.write(sl, run_layer(block, st.read(sl).to(device=dev, dtype=dtype), inputs))
-            block.to(home)
-        outside = [s for s in selected if s not in in_blocks]
-        for name in outside:
-            set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), spec, backend))
+        outside = quantize_outside_blocks(model, layers_name, selected, spec, backend)
     finally:
         st.close(delete=True)
         if tmp is not None:

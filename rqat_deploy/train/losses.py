@@ -7,31 +7,33 @@ the label's ``log p_t(y_t)`` are kept (live or from the cache of :mod:`rqat_depl
 
     CE_t = -log q_t(y_t)
 
-The loss is a sum of *terms*, each a letter; every term is summed over the ``N`` completion tokens
-of the (global) batch and divided by the same ``N``:
+The loss is a sum of *terms*, each with a name; every term is summed over the ``N`` completion
+tokens of the (global) batch and divided by the same ``N``:
 
-| term | name                          | per-token value                                            | weight |
-|------|-------------------------------|------------------------------------------------------------|--------|
-| C    | cross-entropy                 | ``CE_t``                                                   | alpha  |
-| R    | teacher-guided reward rect.   | ``CE_t * sg(p_t(y_t))`` (teacher's probability of the label) | alpha |
-| D    | self reward rect. (DFT)       | ``CE_t * sg(q_t(y_t))`` (student's own probability)        | alpha  |
-| S    | top-k KL (soft labels)        | ``sum_{i in K_t} p_t(i) * (log p_t(i) - log q_t(i))``      | beta   |
-| J    | symmetric top-k JSD           | ``1/2 sum_K p log(p/m) + 1/2 sum_K q log(q/m)``, ``m = (p+q)/2`` | beta |
-| F    | full-vocabulary KL            | ``sum_{i in V} p_t(i) * (log p_t(i) - log q_t(i))`` (live teacher only) | beta |
+| term             | what                          | per-token value                                            | weight |
+|------------------|-------------------------------|------------------------------------------------------------|--------|
+| ``ce``           | cross-entropy                 | ``CE_t``                                                   | alpha  |
+| ``rr``           | teacher-guided reward-rectified CE | ``CE_t * sg(p_t(y_t))`` (teacher's probability of the label) | alpha |
+| ``dft``          | self-rectified CE (DFT)       | ``CE_t * sg(q_t(y_t))`` (student's own probability)        | alpha  |
+| ``topk_kl``      | top-k part of the forward KL  | ``sum_{i in K_t} p_t(i) * (log p_t(i) - log q_t(i))``      | beta   |
+| ``topk_kl_renorm`` | KL between the top-k renormalised | the same with ``p``, ``q`` renormalised over ``K_t``   | beta   |
+| ``jsd``          | symmetric top-k JSD (partial) | ``1/2 sum_K p log(p/m) + 1/2 sum_K q log(q/m)``, ``m = (p+q)/2`` | beta |
+| ``jsd_renorm``   | JSD of the top-k renormalised | the same with ``p``, ``q`` renormalised over ``K_t``       | beta   |
+| ``kl``           | full-vocabulary forward KL    | ``sum_{i in V} p_t(i) * (log p_t(i) - log q_t(i))`` (live teacher only) | beta |
 
-``sg`` is stop-gradient. With ``renormalize_topk=True`` the top-k terms S and J use the teacher's
-and the student's log-probabilities renormalised over ``K_t`` (log-softmax of the ``k`` gathered
-values), a proper divergence between the two distributions restricted to the teacher's top-k;
-with ``False`` (the default, as the authors' released code) they use the full-vocabulary
-log-probabilities gathered at ``K_t``, and S is then the ``K_t`` part of the forward KL (its
-gradient is a cross-entropy on the teacher's top-k soft labels).
+``sg`` is stop-gradient. ``topk_kl`` is a *partial sum* (the authors' released code computes it
+so; the paper does not say): its gradient is a cross-entropy on the teacher's top-k soft labels, it
+is minimised at the teacher's top-k renormalised (``q = p / sum_K p`` on ``K_t``, 0 elsewhere), not
+at the teacher, and its minimum ``P_K log P_K`` is negative. ``topk_kl_renorm`` is a true
+divergence between the two distributions restricted to the teacher's top-k (log-softmax of the
+``k`` gathered values), zero exactly when they agree there.
 
-Presets (:data:`PRESETS`): ``paper`` = ``R+S`` (the paper's ``alpha*CE*sg(p) + beta*KL``),
-``released`` = ``C+J`` (the released code: plain CE and symmetric top-20 JSD), ``reasoning-qat``
-= ``F`` (Reasoning-QAT's full-vocabulary KD), ``efficientqat`` = ``C``, ``self-dft`` = ``D``.
-The paper's ablations are the term sets ``S``, ``R``, ``C``, ``C+S``, ``C+R`` (and ``R+S``, the full
-method): S = top-k KL alone, R = teacher-rectified CE alone, C = plain CE alone, C+S = plain CE plus
-top-k KL (classical KD), C+R = plain CE plus teacher-rectified CE.
+Presets (:data:`PRESETS`): ``paper`` = ``rr+topk_kl`` (the paper's ``alpha*CE*sg(p) + beta*KL``
+over the teacher's top-20), ``released`` = ``ce+jsd`` (the released code: plain CE and symmetric
+top-20 JSD), ``reasoning-qat`` = ``kl`` (Reasoning-QAT's KD), ``efficientqat`` = ``ce``,
+``self-dft`` = ``dft``. The paper's ablation *rows* (S, R, C, C+S, C+R) are runs, not loss terms:
+they are recipes (:mod:`rqat_deploy.train.recipes`); :data:`LETTERS` maps the letters this module
+used before to the names, for the error message that refuses them.
 
 Memory: :func:`chunked_loss` computes the student logits from the final hidden states ``chunk_size``
 tokens at a time through ``lm_head``, and the gradient w.r.t. the hidden states (and ``lm_head``
@@ -50,46 +52,59 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rqat_deploy.errors import ConfigError, ShapeError
+from rqat_deploy.errors import ConfigError, ShapeError, did_you_mean
 
+#: loss term name -> what it is (the module docstring has the formulas)
 TERMS: dict[str, str] = {
-    "C": "ce",
-    "R": "teacher_rectified_ce",
-    "D": "self_rectified_ce",
-    "S": "kl_topk",
-    "J": "jsd_topk",
-    "F": "kl_full",
+    "ce": "cross-entropy",
+    "rr": "teacher-guided reward-rectified cross-entropy",
+    "dft": "self-rectified cross-entropy (DFT)",
+    "topk_kl": "forward KL over the teacher's top-k, partial sum (not renormalised)",
+    "topk_kl_renorm": "forward KL between teacher and student renormalised over the teacher's top-k",
+    "jsd": "symmetric JSD over the teacher's top-k, partial sums (not renormalised)",
+    "jsd_renorm": "symmetric JSD between teacher and student renormalised over the teacher's top-k",
+    "kl": "full-vocabulary forward KL (live teacher)",
 }
-ALPHA_TERMS = ("C", "R", "D")
-BETA_TERMS = ("S", "J", "F")
+ALPHA_TERMS = ("ce", "rr", "dft")
+BETA_TERMS = ("topk_kl", "topk_kl_renorm", "jsd", "jsd_renorm", "kl")
+#: top-k terms, and whether each renormalises over the top-k
+TOPK_TERMS: dict[str, bool] = {"topk_kl": False, "topk_kl_renorm": True, "jsd": False, "jsd_renorm": True}
 #: named loss variants -> term sets
 PRESETS: dict[str, str] = {
-    "paper": "R+S",
-    "released": "C+J",
-    "reasoning-qat": "F",
-    "efficientqat": "C",
-    "self-dft": "D",
+    "paper": "rr+topk_kl",
+    "released": "ce+jsd",
+    "reasoning-qat": "kl",
+    "efficientqat": "ce",
+    "self-dft": "dft",
 }
-#: the paper's loss ablations (DESIGN.md 5), as term sets
-ABLATIONS: tuple[str, ...] = ("S", "R", "C", "C+S", "C+R")
+#: the one-letter term spellings of earlier versions (refused, with these names in the message)
+LETTERS: dict[str, str] = {"C": "ce", "R": "rr", "D": "dft", "S": "topk_kl", "J": "jsd", "F": "kl"}
 LN2 = math.log(2.0)
 
 
 def parse_terms(terms: str) -> tuple[str, ...]:
-    """``"R+S"`` (or a preset name) -> ``("R", "S")``, validated and in canonical order.
+    """``"rr+topk_kl"`` (or a preset name) -> ``("rr", "topk_kl")``, validated and in canonical order.
 
     Raises:
-        ConfigError: an unknown or repeated term letter, or an empty set.
+        ConfigError: an unknown or repeated term, an empty set, or the old one-letter spellings
+            (the message names the new names, and the recipes that run the paper's ablation rows).
     """
-    spec = PRESETS.get(terms, terms)
-    letters = [t.strip().upper() for t in re.split(r"[+,]", spec) if t.strip()]
-    bad = [t for t in letters if t not in TERMS]
-    if bad or not letters or len(set(letters)) != len(letters):
+    spec = PRESETS.get(terms.strip(), terms)
+    names = [t.strip() for t in re.split(r"[+,]", spec) if t.strip()]
+    if names and all(n.upper() in LETTERS for n in names):
+        new = "+".join(LETTERS[n.upper()] for n in names)
         raise ConfigError(
-            f"loss terms {terms!r} are not a '+'-joined set of {list(TERMS)} ({', '.join(f'{k}={v}' for k, v in TERMS.items())}) "
-            f"or a preset {list(PRESETS)}"
+            f"loss terms are named now, not lettered: {terms!r} means {new!r} "
+            f"({', '.join(f'{k}={v}' for k, v in LETTERS.items())}); the paper's ablation rows S, R, C, C+S, C+R are "
+            "recipes (--recipe C+S), not loss terms"
         )
-    return tuple(t for t in TERMS if t in letters)
+    bad = [n for n in names if n not in TERMS]
+    if bad or not names or len(set(names)) != len(names):
+        raise ConfigError(
+            f"loss terms {terms!r} are not a '+'-joined set of {list(TERMS)}"
+            f"{did_you_mean(bad[0], list(TERMS)) if bad else ''} or a preset {list(PRESETS)}"
+        )
+    return tuple(t for t in TERMS if t in names)
 
 
 @dataclass(frozen=True)
@@ -97,19 +112,17 @@ class LossConfig:
     """Which loss terms, their weights, and how they are computed (module docstring).
 
     Attributes:
-        terms: ``"+"``-joined term letters or a preset name (default the paper's ``R+S``).
-        alpha: weight of the CE-type terms C, R, D (paper 0.2).
-        beta: weight of the divergence terms S, J, F (paper 1.0).
-        top_k: teacher top-k size for S and J (paper 20).
-        renormalize_topk: renormalise S and J over the top-k set (paper unspecified; released code: no).
+        terms: ``"+"``-joined term names or a preset name (default the paper's ``rr+topk_kl``).
+        alpha: weight of the CE-type terms ``ce``, ``rr``, ``dft`` (paper 0.2).
+        beta: weight of the divergence terms ``topk_kl``, ``jsd``, ``kl``... (paper 1.0).
+        top_k: teacher top-k size of the top-k terms (paper 20).
         chunk_size: completion tokens per logits chunk.
     """
 
-    terms: str = "R+S"
+    terms: str = "rr+topk_kl"
     alpha: float = 0.2
     beta: float = 1.0
     top_k: int = 20
-    renormalize_topk: bool = False
     chunk_size: int = 1024
 
     def __post_init__(self) -> None:
@@ -121,16 +134,23 @@ class LossConfig:
 
     @property
     def term_set(self) -> tuple[str, ...]:
+        """The term names, in canonical order."""
         return parse_terms(self.terms)
 
     @property
     def needs_full_teacher(self) -> bool:
-        """Whether a term needs the teacher's full-vocabulary distribution (F: live teacher only)."""
-        return "F" in self.term_set
+        """Whether a term needs the teacher's full-vocabulary distribution (``kl``: live teacher only)."""
+        return "kl" in self.term_set
+
+    @property
+    def needs_topk(self) -> bool:
+        """Whether a term reads the teacher's top-k."""
+        return any(t in TOPK_TERMS for t in self.term_set)
 
     @property
     def needs_teacher(self) -> bool:
-        return any(t in self.term_set for t in ("R", "S", "J", "F"))
+        """Whether a term needs teacher targets at all (``ce`` and ``dft`` do not)."""
+        return any(t not in ("ce", "dft") for t in self.term_set)
 
 
 @dataclass
@@ -212,35 +232,34 @@ def term_sums(
         cfg: the loss configuration.
 
     Returns:
-        ``{letter: alpha_or_beta * sum_t term_t}`` (differentiable w.r.t. ``logits``).
+        ``{name: alpha_or_beta * sum_t term_t}`` (differentiable w.r.t. ``logits``).
     """
     terms = cfg.term_set
     logq = logits.log_softmax(-1)  # [c, V]
     lq_y = logq.gather(1, labels[:, None])[:, 0]  # [c]
     ce = -lq_y
     out: dict[str, torch.Tensor] = {}
-    if "C" in terms:
-        out["C"] = cfg.alpha * ce.sum()
-    if "R" in terms:
-        out["R"] = cfg.alpha * (ce * teacher.label_logprobs.float().exp()).sum()
-    if "D" in terms:
-        out["D"] = cfg.alpha * (ce * lq_y.detach().exp()).sum()
-    if "S" in terms or "J" in terms:
+    if "ce" in terms:
+        out["ce"] = cfg.alpha * ce.sum()
+    if "rr" in terms:
+        out["rr"] = cfg.alpha * (ce * teacher.label_logprobs.float().exp()).sum()
+    if "dft" in terms:
+        out["dft"] = cfg.alpha * (ce * lq_y.detach().exp()).sum()
+    for name in (t for t in terms if t in TOPK_TERMS):
         lp = teacher.topk_logprobs.float()  # [c, k]
         lq = logq.gather(1, teacher.topk_ids)  # [c, k]
-        if cfg.renormalize_topk:
-            lp = lp.log_softmax(-1)
-            lq = lq.log_softmax(-1)
-        if "S" in terms:
-            out["S"] = cfg.beta * F.kl_div(lq, lp, reduction="sum", log_target=True)
-        if "J" in terms:
+        if TOPK_TERMS[name]:
+            lp, lq = lp.log_softmax(-1), lq.log_softmax(-1)
+        if name.startswith("topk_kl"):
+            out[name] = cfg.beta * F.kl_div(lq, lp, reduction="sum", log_target=True)
+        else:
             lm = torch.logaddexp(lp, lq) - LN2  # log of the mixture m = (p + q) / 2
             js = F.kl_div(lm, lp, reduction="sum", log_target=True) + F.kl_div(lm, lq, reduction="sum", log_target=True)
-            out["J"] = cfg.beta * 0.5 * js
-    if "F" in terms:
+            out[name] = cfg.beta * 0.5 * js
+    if "kl" in terms:
         if teacher is None or teacher.hidden is None or teacher.head_weight is None:
-            raise ConfigError("the full-vocabulary KL term (F) needs the live teacher's hidden states; a cached teacher has only its top-k")
-        out["F"] = cfg.beta * F.kl_div(logq, _teacher_logprobs(teacher, logq.device), reduction="sum", log_target=True)
+            raise ConfigError("the full-vocabulary KL term (kl) needs the live teacher's hidden states; a cached teacher has only its top-k")
+        out["kl"] = cfg.beta * F.kl_div(logq, _teacher_logprobs(teacher, logq.device), reduction="sum", log_target=True)
     return out
 
 
@@ -301,7 +320,7 @@ class _ChunkedLossFn(torch.autograd.Function):
                 grads[2] += next(it).float()
             total += loss.detach().double()
             for k, v in sums.items():
-                job.parts[TERMS[k]] = job.parts.get(TERMS[k], 0.0) + float(v.detach()) / job.n_norm
+                job.parts[k] = job.parts.get(k, 0.0) + float(v.detach()) / job.n_norm
         ctx.need = need
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
@@ -364,7 +383,7 @@ def chunked_loss(
             raise ConfigError(f"loss terms {cfg.terms!r} need teacher targets")
         if len(teacher) != n:
             raise ShapeError(f"teacher targets cover {len(teacher)} tokens, the student batch {n}")
-        if ("S" in cfg.term_set or "J" in cfg.term_set) and teacher.topk_ids.shape[1] < cfg.top_k:
+        if cfg.needs_topk and teacher.topk_ids.shape[1] < cfg.top_k:
             raise ShapeError(f"the teacher gives its top {teacher.topk_ids.shape[1]}, the loss asks for {cfg.top_k}")
         if teacher.topk_ids.shape[1] > cfg.top_k:
             teacher = TeacherTargets(

@@ -1,8 +1,9 @@
 """``rqat-deploy train``: turn a full-precision causal LM into a quantized checkpoint.
 
 :class:`TrainConfig` holds the resolved options; :func:`run_train` runs the recipe
-(:mod:`rqat_deploy.train.recipes`): the initialisation (RTN, GPTQ or stage 1), then stage 2.
-``--loss`` replaces the stage-2 loss (the paper's ablations ``S``, ``R``, ``C``, ``C+S``, ``C+R``).
+(:mod:`rqat_deploy.train.recipes`): the initialisation (RTN, GPTQ, AWQ or stage 1), then stage 2.
+``--loss`` replaces the stage-2 loss terms (``ce``, ``rr``, ``topk_kl``... :mod:`rqat_deploy.train.losses`);
+the paper's ablation rows ``S``, ``R``, ``C``, ``C+S``, ``C+R`` are recipes.
 
 Work in progress lives in ``<out>.work/``: stage 1 saves each finished block, the initialised
 model is saved as a checkpoint, stage 2 saves its state every ``save_every`` steps and on Ctrl-C.
@@ -27,7 +28,7 @@ from rqat_deploy import __version__
 from rqat_deploy.errors import CheckpointError, ConfigError, OutputExistsError, did_you_mean, settings_diff
 from rqat_deploy.files import atomic_write_json, check_no_overlap, check_output, output_lock, read_json
 from rqat_deploy.quant.spec import QuantSpec
-from rqat_deploy.train.recipes import RECIPE_TABLE, RECIPES, Recipe
+from rqat_deploy.train.recipes import RECIPE_TABLE, RECIPES, Recipe, option_defaults
 
 
 @dataclass(frozen=True)
@@ -41,17 +42,24 @@ class TrainConfig:
         out: checkpoint directory to write.
         recipe: one of :data:`RECIPES`.
         quant: the quantization spec.
-        calib: calibration SPEC (stage 1 / GPTQ); ``None`` = the paper's 80/20 mix (of the
-            built-in data for the built-in model).
-        calib_samples, calib_seq_len: calibration sequences and their length (paper 4,096 x 2,048).
-        train_data: stage-2 SPEC; ``None`` = the paper's reasoning traces (built-in ones for the
-            built-in model).
-        train_samples, train_seq_len: stage-2 samples and maximum length (paper 32,768).
+        calib: calibration SPEC (stage 1 / GPTQ / AWQ); ``None`` = the recipe's: the paper's 80/20
+            mix, or math (NuminaMath-1.5) for ``gptq``, ``awq`` and ``reasoning-qat`` (the built-in
+            data for the built-in model).
+        calib_samples, calib_seq_len: calibration sequences and their length (paper 4,096 x 2,048;
+            128 for ``gptq`` / ``awq`` / ``reasoning-qat``).
+        train_data: stage-2 SPEC; ``None`` = the recipe's: reasoning traces (OpenThoughts3), or
+            OpenR1-Math for ``reasoning-qat`` (built-in traces for the built-in model).
+        train_samples: stage-2 samples (paper 32,768).
+        train_seq_len: a cap on stage-2 sample length; ``None``: whole samples up to the model's
+            context length (the paper trains whole traces).
         stage1_epochs: stage-1 epochs per block (paper 2).
-        stage2_epochs, stage2_lr: ``None`` = the paper's per-bit-width values.
-        loss, alpha, beta: stage-2 loss override and weights (paper ``R+S``, 0.2, 1.0).
+        stage2_epochs, stage2_lr: ``None`` = the recipe's, else the paper's per-bit-width values.
+        loss, alpha, beta: stage-2 loss terms override and weights (paper ``rr+topk_kl``, 0.2, 1.0).
         global_batch, micro_batch: stage-2 samples per optimizer step / per forward.
         max_steps: cap on stage-2 optimizer steps.
+        Options left ``None`` in :data:`rqat_deploy.train.recipes.GLOBAL_DEFAULTS` take the recipe's
+        value (:func:`rqat_deploy.train.recipes.option_defaults`; the built-in model's preset
+        without ``model``) when the config is built.
         init_from: a quantized checkpoint (same spec) to start stage 2 from instead of running the
             recipe's initialisation, e.g. one ``--recipe stage1`` result shared by several stage-2
             ablations.
@@ -69,18 +77,18 @@ class TrainConfig:
     recipe: str = "rqat"
     quant: QuantSpec = field(default_factory=QuantSpec)
     calib: str | None = None
-    calib_samples: int = 4096
-    calib_seq_len: int = 2048
+    calib_samples: int | None = None
+    calib_seq_len: int | None = None
     train_data: str | None = None
-    train_samples: int = 32768
-    train_seq_len: int = 4096
+    train_samples: int | None = None
+    train_seq_len: int | None = None
     stage1_epochs: int = 2
     stage2_epochs: int | None = None
     stage2_lr: float | None = None
     loss: str | None = None
     alpha: float = 0.2
     beta: float = 1.0
-    global_batch: int = 64
+    global_batch: int | None = None
     micro_batch: int = 1
     max_steps: int | None = None
     init_from: str | None = None
@@ -105,6 +113,9 @@ class TrainConfig:
         """
         if self.recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {self.recipe!r}{did_you_mean(self.recipe, RECIPES)}; choose one of {RECIPES}")
+        for name, value in option_defaults(self.recipe, builtin=self.model is None).items():
+            if getattr(self, name) is None:  # left unset: the recipe's default (frozen: set once, here)
+                object.__setattr__(self, name, value)
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         for name in ("calib_samples", "calib_seq_len", "train_samples", "train_seq_len", "stage1_epochs", "global_batch",
@@ -119,6 +130,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.init_from is not None and self.plan.loss is None:
             raise ConfigError(f"--init-from starts stage 2, which recipe {self.recipe!r} does not have; use --recipe rqat")
+        if self.init_from is not None and self.plan.init in ("rtn",) and self.plan.paper_row:
+            raise ConfigError(f"--recipe {self.recipe} starts from round-to-nearest by definition: drop --init-from")
         self.stage2_config()  # the stage-2 settings (loss terms, batch sizes) are checked now too
 
     def stage2_config(self) -> Any:
@@ -153,8 +166,18 @@ class TrainConfig:
         if self.loss is not None:
             if r.loss is None:
                 raise ConfigError(f"--loss applies to recipes with a stage 2; {self.recipe!r} has none")
+            if r.paper_row:
+                raise ConfigError(
+                    f"--recipe {self.recipe} is the paper's ablation row as the paper ran it (loss {r.loss}): drop --loss, "
+                    "or use --recipe rqat (or efficientqat) with --loss"
+                )
             r = dataclasses.replace(r, loss=self.loss)
         return r
+
+    @property
+    def needs_work_dir(self) -> bool:
+        """Whether the run keeps resumable state (everything but a plain RTN, which takes seconds)."""
+        return self.plan.init != "rtn" or self.plan.loss is not None
 
     @property
     def model_path(self) -> str:
@@ -166,20 +189,25 @@ class TrainConfig:
         return str(default_model_dir())
 
     def calib_spec(self) -> str:
-        """``calib`` (``builtin``: the built-in files), else the 80/20 default (built-in for the built-in model)."""
-        from rqat_deploy.builtin.synth import resolve_spec
-        from rqat_deploy.data.calib import DEFAULT_CALIB_SPEC
+        """``calib`` (``builtin``: the built-in 80/20 files), else the recipe's calibration data: the 80/20
+        mix, or math problems (NuminaMath-1.5; the built-in traces for the built-in model)."""
+        from rqat_deploy.builtin.synth import default_data, resolve_spec
+        from rqat_deploy.data.calib import DEFAULT_CALIB_SPEC, MATH_CALIB_SPEC
         from rqat_deploy.data.spec import BUILTIN
 
+        if self.calib is None and self.plan.calib_domain == "math":
+            return default_data("train") if self.model is None else MATH_CALIB_SPEC
         return resolve_spec(self.calib, "calib", BUILTIN if self.model is None else DEFAULT_CALIB_SPEC)
 
     def train_spec(self) -> str:
-        """``train_data`` (``builtin``: the built-in traces), else the default traces (built-in for the built-in model)."""
+        """``train_data`` (``builtin``: the built-in traces), else the recipe's traces: OpenThoughts3, or
+        OpenR1-Math for ``reasoning-qat`` (built-in traces for the built-in model)."""
         from rqat_deploy.builtin.synth import resolve_spec
-        from rqat_deploy.data.sft import DEFAULT_TRAIN_SPEC
+        from rqat_deploy.data.sft import DEFAULT_TRAIN_SPEC, MATH_TRAIN_SPEC
         from rqat_deploy.data.spec import BUILTIN
 
-        return resolve_spec(self.train_data, "train", BUILTIN if self.model is None else DEFAULT_TRAIN_SPEC)
+        hub = MATH_TRAIN_SPEC if self.plan.train_domain == "math" else DEFAULT_TRAIN_SPEC
+        return resolve_spec(self.train_data, "train", BUILTIN if self.model is None else hub)
 
     @property
     def work_path(self) -> Path:
@@ -281,7 +309,7 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
     from rqat_deploy.quant.surgery import prepare_model
 
     out, plan = Path(cfg.out), cfg.plan  # --out was checked by run_train
-    if plan.init != "rtn" and dist_utils.is_main():
+    if cfg.needs_work_dir and dist_utils.is_main():
         _check_resume(cfg)  # before loading anything: a mismatched --resume is refused at once
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -294,7 +322,7 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
         raise
     base = model_path if not os.path.isdir(model_path) else os.path.basename(os.path.normpath(model_path))
     reports: dict[str, Any] = {}
-    if plan.init == "rtn":
+    if not cfg.needs_work_dir:  # plain RTN: quantize the model itself
         prepare_model(model, cfg.quant, backend=cfg.backend, progress=progress)
         student = model
     else:
@@ -309,7 +337,7 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
     if not dist_utils.is_main():
         return out
     path = save_checkpoint(student, out, tokenizer=tok, base_model=base, recipe=recipe, force=cfg.force)
-    if plan.init != "rtn" and not cfg.keep_work:
+    if cfg.needs_work_dir and not cfg.keep_work:
         shutil.rmtree(cfg.work_path, ignore_errors=True)
     return path
 
@@ -323,22 +351,43 @@ def _drop_empty_work(cfg: TrainConfig) -> None:
         shutil.rmtree(work)
 
 
+def _check_init_from(cfg: TrainConfig, meta: Any) -> None:
+    """``--init-from``'s checkpoint must hold the plan's spec, and for the paper's rows its initialisation.
+
+    Raises:
+        ConfigError: another grid, bits or group size; or, for a paper row (``C+S``, ``C+R``), a checkpoint
+            not initialised as the row is (stage 1 in the paper's form).
+    """
+    if meta.spec.grid_def != cfg.quant.grid_def:  # same grid, bits and group size
+        raise ConfigError(
+            f"--init-from {cfg.init_from} holds {meta.bits}-bit {meta.grid} weights (group {meta.group_size}), "
+            f"not {cfg.quant.bits}-bit {cfg.quant.grid} (group {cfg.quant.group_size}); "
+            "pass the checkpoint's --bits/--grid/--group-size"
+        )
+    plan = cfg.plan
+    if not plan.paper_row:
+        return
+    recorded = meta.recipe.get("plan") or {}
+    same = recorded.get("init") == plan.init and recorded.get("loss") is None and all(
+        (recorded.get("stage1") or {}).get(k) == v for k, v in plan.stage1.items()
+    )
+    if not same:
+        raise ConfigError(
+            f"--recipe {cfg.recipe} starts from stage 1 in the paper's form, but --init-from {cfg.init_from} was made by "
+            f"recipe {meta.recipe.get('name')!r}; initialise with --recipe C (same --bits/--seed) and pass that"
+        )
+
+
 def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> Any:
-    """Stage 1 or GPTQ on a copy of ``teacher``; the result is saved in the work dir for resume."""
+    """RTN, GPTQ, AWQ or stage 1 on a copy of ``teacher``; the result is saved in the work dir for resume."""
     from rqat_deploy.train import distributed as dist_utils
-    from rqat_deploy.quant.checkpoint import load_model, save_checkpoint
-    from rqat_deploy.quant.checkpoint import read_checkpoint
+    from rqat_deploy.quant.checkpoint import load_model, read_checkpoint
     from rqat_deploy.data.calib import build_calibration
 
     init_ckpt = cfg.work_path / "init"
     if cfg.init_from is not None:  # a finished initialisation to share between stage-2 runs
         meta = read_checkpoint(cfg.init_from).meta
-        if meta.spec.grid_def != cfg.quant.grid_def:  # same grid, bits and group size
-            raise ConfigError(
-                f"--init-from {cfg.init_from} holds {meta.bits}-bit {meta.grid} weights (group {meta.group_size}), "
-                f"not {cfg.quant.bits}-bit {cfg.quant.grid} (group {cfg.quant.group_size}); "
-                "pass the checkpoint's --bits/--grid/--group-size"
-            )
+        _check_init_from(cfg, meta)
         reports["init_from"] = {"path": os.path.abspath(cfg.init_from), "recipe": meta.recipe.get("name")}
         dtype = next(teacher.parameters()).dtype
         return load_model(cfg.init_from, dtype=dtype, device=cfg.device, form="stage2", backend=cfg.backend)[0]
@@ -355,14 +404,23 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
         reports.update(read_json(cfg.work_path / "init_reports.json", error=CheckpointError))
         dist_utils.wait_for_main()
         return reload()
+    student = copy.deepcopy(teacher)
+    if cfg.plan.init == "rtn":  # the paper's S and R rows: no calibration
+        from rqat_deploy.quant.surgery import prepare_model
+
+        reports["rtn"] = {"modules": prepare_model(student, cfg.quant, backend=cfg.backend, progress=progress)}
+        return _save_init(cfg, student, tok, reports, reload)
     calib = build_calibration(tok, cfg.calib_spec(), cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
     reports["calibration"] = calib.report
-    student = copy.deepcopy(teacher)
     if cfg.plan.init == "gptq":
         from rqat_deploy.train.gptq import run_gptq
 
         rep = run_gptq(student, cfg.quant, calib.input_ids, device=cfg.device, work_dir=cfg.work_path / "gptq",
                        progress=progress, backend=cfg.backend)
+    elif cfg.plan.init == "awq":
+        from rqat_deploy.train.awq import run_awq
+
+        rep = run_awq(student, cfg.quant, calib.input_ids, device=cfg.device, progress=progress, backend=cfg.backend)
     else:
         from rqat_deploy.train.stage1 import Stage1Config, run_stage1
 
@@ -374,7 +432,16 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
             student, reports["gptq_guard"] = _gptq_guard(cfg, teacher, student, calib.input_ids, s1.val_samples,
                                                          progress=progress)
     reports[cfg.plan.init] = _jsonable(rep)
-    save_checkpoint(student, init_ckpt, tokenizer=tok, force=True)
+    return _save_init(cfg, student, tok, reports, reload)
+
+
+def _save_init(cfg: TrainConfig, student: Any, tok: Any, reports: dict[str, Any], reload: Any) -> Any:
+    """Save the initialised ``student`` and its reports in the work directory (rank 0), release the
+    other ranks, and return ``reload()``: the same model whether this run resumes or not."""
+    from rqat_deploy.quant.checkpoint import save_checkpoint
+    from rqat_deploy.train import distributed as dist_utils
+
+    save_checkpoint(student, cfg.work_path / "init", tokenizer=tok, force=True)
     (cfg.work_path / "init_reports.json").write_text(json.dumps(reports, default=str))
     dist_utils.wait_for_main()
     return reload()
@@ -402,21 +469,23 @@ def _gptq_guard(
 
 
 def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> dict[str, Any]:
-    """Scale-only end-to-end training of ``student`` against ``teacher``."""
+    """End-to-end training of ``student`` against ``teacher`` (scales or latent weights, the plan's form).
+
+    Samples are whole up to the model's context length, or cut at ``--train-seq-len`` / the recipe's
+    cap; the report counts the samples cut and the tokens dropped.
+    """
     from rqat_deploy.train import distributed as dist_utils
     from rqat_deploy.data.sft import build_sft
     from rqat_deploy.train.stage2 import run_stage2
-    from rqat_deploy.quant.surgery import freeze_codes
     from rqat_deploy.train.teacher import CachedTeacher, LiveTeacher
 
     plan = cfg.plan
     s2 = cfg.stage2_config()
-    seq_len = min(cfg.train_seq_len, plan.train_seq_len or cfg.train_seq_len)
+    caps = [c for c in (cfg.train_seq_len, plan.train_seq_len) if c is not None]
+    seq_len = min([context_length(teacher), *caps])
     data = build_sft(tok, cfg.train_spec(), cfg.train_samples, seq_len, cfg.seed)
     reports["train_data"] = data.report
-    freeze_codes(student)
-    full_vocab = "F" in plan.loss.split("+") or plan.loss == "reasoning-qat"
-    if cfg.teacher_cache and not full_vocab:
+    if cfg.teacher_cache and not s2.loss_config().needs_full_teacher:
         cache = cfg.work_path / "teacher_cache"
         if dist_utils.is_main():  # torchrun: rank 0 builds the cache, the others open it
             CachedTeacher.build(teacher, data, cache, progress=progress)
@@ -425,7 +494,22 @@ def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dic
     else:
         teacher_src = LiveTeacher(teacher)
     rep = run_stage2(student, data, teacher_src, s2, state_dir=cfg.work_path / "stage2", resume=cfg.resume, progress=progress)
-    return _jsonable(rep)
+    cut = {k: data.report[k] for k in ("seq_len", "truncated", "truncated_tokens")}
+    return _jsonable(rep) | {"data": cut}
+
+
+def context_length(model: Any) -> int:
+    """The longest sequence ``model`` was built for (``config.max_position_embeddings``).
+
+    Raises:
+        ConfigError: the config does not say; pass ``--train-seq-len``.
+    """
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(
+            f"{type(model).__name__}'s config has no max_position_embeddings: pass --train-seq-len to bound stage-2 samples"
+        )
+    return n
 
 
 def _jsonable(report: Any) -> dict[str, Any]:

@@ -1,15 +1,21 @@
-"""Stage 2: end-to-end scale-only training with the teacher-guided reward-rectification loss.
+"""Stage 2: end-to-end training of a quantized student against the full-precision teacher.
 
-The student is a model in the ``stage2`` form (QuantLinear with frozen integer codes, e.g. from
-``rqat_deploy.quant.checkpoint.load_model(path, form="stage2")`` or after stage 1 and
-:func:`rqat_deploy.quant.surgery.freeze_codes`). Codes and zero points stay fixed; only the quantization
-scales train (uniform: ``scale``; Q2_K: ``d``, ``dmin``; Q3_K: ``d``; optionally the integer k-quant
-sub-scales through straight-through rounding), plus any parameter named in ``extra_trainable``.
+What trains is the student's *training form* (:func:`rqat_deploy.quant.surgery.select_trainable`,
+``train_form``): ``scales`` (the paper's stage 2: QuantLinear with frozen integer codes; only the
+quantization scales train, uniform ``scale``, Q2_K ``d``, ``dmin``, Q3_K ``d``, optionally the integer
+k-quant sub-scales through straight-through rounding) or ``weights`` (Reasoning-QAT's KD and the
+released code of the paper: the latent float weights train through the straight-through estimator,
+the grid parameters stay, and the checkpoint's codes are re-derived from the trained weights when it
+is written), plus any parameter named in ``extra_trainable``. The student may come in either form.
 
 One optimizer *step* consumes a global batch of ``global_batch`` samples (paper: 64), split into
 micro-batches of ``micro_batch`` samples whose gradients accumulate; every loss term is divided by
 the completion-token count of the whole global batch, so the accumulated gradient is the global
-per-token mean whatever the micro-batch size. AdamW, linear warm-up then cosine (or linear) decay
+per-token mean whatever the micro-batch size. Samples are whole traces of very different lengths:
+a step's samples (a rank's share of them under DDP) are sorted by length, longest first, before
+they are cut into micro-batches, so a micro-batch pads its samples to a similar length (length
+buckets within the global batch; the batch itself, its normalisation and its order of steps do not
+change). AdamW, linear warm-up then cosine (or linear) decay
 (:func:`rqat_deploy.train.schedule.lr_at`), gradient-norm clipping. :class:`Stage2Trainer` is the run
 (setup and resume, one :meth:`~Stage2Trainer.step`, snapshots, evaluation); :func:`run_stage2` starts it.
 
@@ -35,7 +41,8 @@ CPU) and :func:`run_stage2` notices it by itself. What is distributed:
   which all-reduces the gradients of the trainable scales only (frozen parameters and buffers,
   the integer codes included, are neither broadcast nor synchronised). Every optimizer step's
   global batch (the same ``global_batch`` samples in the same order as a single process) is cut
-  into contiguous, disjoint per-rank shards; each rank accumulates over its own micro-batches and
+  into contiguous, disjoint per-rank shards (each sorted by length on its rank); each rank accumulates
+  over its own micro-batches and
   the all-reduce runs once, on its last micro-batch. Every loss term is divided by the global
   batch's completion-token count (each rank holds the whole data set, so it knows that count; the
   ranks' token counts are all-reduced with the step's metrics and checked against it), and each
@@ -58,7 +65,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import json
 import math
 import os
@@ -80,9 +86,9 @@ from rqat_deploy.train import distributed as dist_utils
 from rqat_deploy.data.sft import SFTSet
 from rqat_deploy.errors import CheckpointError, ConfigError, DivergenceError, NonFiniteError, RqatError, settings_diff
 from rqat_deploy.files import staged_file
-from rqat_deploy.train.losses import TERMS, LossConfig, TeacherTargets, chunked_loss, token_metrics
+from rqat_deploy.train.losses import LossConfig, TeacherTargets, chunked_loss, token_metrics
 from rqat_deploy.quant.reference import FP16_MAX
-from rqat_deploy.quant.surgery import freeze_codes, quant_linears
+from rqat_deploy.quant.surgery import TRAIN_FORMS, quant_linears, select_trainable
 from rqat_deploy.train.precision import autocast
 from rqat_deploy.train.schedule import SHAPES, lr_at
 from rqat_deploy.train.teacher import Teacher, decoder_and_head
@@ -107,11 +113,12 @@ class Stage2Config:
             models up to ~2B parameters, 1e-4 at 2 bits for larger ones.
         global_batch: samples per optimizer step (paper 64).
         micro_batch: samples per forward/backward (gradient accumulation over global/micro).
-        loss_terms: loss term set or preset (:mod:`rqat_deploy.train.losses`; paper ``R+S``).
+        loss_terms: loss term names or preset (:mod:`rqat_deploy.train.losses`; paper ``rr+topk_kl``).
         alpha: weight of CE-type terms (paper 0.2).
         beta: weight of divergence terms (paper 1.0).
         top_k: teacher top-k (paper 20).
-        renormalize_topk: renormalise top-k terms over the top-k set (released code: no).
+        train_form: what trains (:data:`rqat_deploy.quant.surgery.TRAIN_FORMS`): ``scales`` (the
+            paper) or ``weights`` (latent weights through the straight-through estimator).
         loss_chunk: completion tokens per logits chunk.
         schedule: ``cosine`` (paper), ``linear`` (released code) or ``constant`` after warm-up.
         warmup_ratio: fraction of steps of linear warm-up (the paper gives none; 3 %).
@@ -155,11 +162,11 @@ class Stage2Config:
     lr: float | None = None
     global_batch: int = 64
     micro_batch: int = 1
-    loss_terms: str = "R+S"
+    loss_terms: str = "rr+topk_kl"
     alpha: float = 0.2
     beta: float = 1.0
     top_k: int = 20
-    renormalize_topk: bool = False
+    train_form: str = "scales"
     loss_chunk: int = 1024
     schedule: str = "cosine"
     warmup_ratio: float = 0.03
@@ -188,6 +195,8 @@ class Stage2Config:
     def __post_init__(self) -> None:
         if self.schedule not in SHAPES:
             raise ConfigError(f"schedule must be one of {SHAPES}, got {self.schedule!r}")
+        if self.train_form not in TRAIN_FORMS:
+            raise ConfigError(f"train_form must be one of {TRAIN_FORMS}, got {self.train_form!r}")
         for name in ("global_batch", "micro_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -213,7 +222,7 @@ class Stage2Config:
 
     def loss_config(self) -> LossConfig:
         """The :class:`LossConfig` these settings describe."""
-        return LossConfig(self.loss_terms, self.alpha, self.beta, self.top_k, self.renormalize_topk, self.loss_chunk)
+        return LossConfig(self.loss_terms, self.alpha, self.beta, self.top_k, self.loss_chunk)
 
     def resolved(self, student: nn.Module) -> ResolvedStage2Config:
         """Fill ``lr`` and ``epochs`` with the paper's values for the student's bit width and size."""
@@ -295,38 +304,22 @@ class Stage2Report:
 # ---------------------------------------------------------------------------------------------
 
 
-def trainable_parameters(student: nn.Module, cfg: Stage2Config) -> list[tuple[str, nn.Parameter]]:
-    """Freeze codes and everything but the stage-2 scales (and ``extra_trainable``); return what trains.
-
-    Raises:
-        ConfigError: the model has no quantized module, or nothing trains.
-    """
-    if not any(True for _ in quant_linears(student)):
-        raise ConfigError("stage 2 needs a quantized student (QuantLinear modules): quantize it or load a checkpoint with form='stage2'")
-    freeze_codes(student, cfg.train_sub_scales)
-    for name, p in student.named_parameters():
-        if any(fnmatch.fnmatchcase(name, pat) for pat in cfg.extra_trainable):
-            p.requires_grad_(True)
-    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("no parameter trains in stage 2: check train_sub_scales / extra_trainable")
-    return params
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The training-sample order of ``epoch``: a permutation fixed by ``seed`` and ``epoch``."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
 
 
-def _micro_batches(indices: Sequence[int], size: int) -> Iterator[list[int]]:
-    for a in range(0, len(indices), size):
-        yield list(indices[a : a + size])
+def _micro_batches(indices: Sequence[int], size: int, lengths: Sequence[int]) -> Iterator[list[int]]:
+    """``indices`` sorted by sample length (longest first, ties in their order), in runs of ``size``."""
+    ordered = sorted(indices, key=lambda i: -lengths[i])  # stable
+    for a in range(0, len(ordered), size):
+        yield ordered[a : a + size]
 
 
 def _batch(data: SFTSet, idx: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    sub = data.subset(idx)  # padding trimmed to the longest sample of the micro-batch
-    return sub.input_ids.to(device), sub.attention_mask.to(device), sub.labels.to(device)
+    ids, mask, labels = data.subset(idx).padded()  # padded to the longest sample of the micro-batch
+    return ids.to(device), mask.to(device), labels.to(device)
 
 
 def _student_hidden(base: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -422,7 +415,7 @@ def evaluate(
     was_training = student.training
     student.eval()
     local = dist_utils.shard(list(indices)) if distributed else list(indices)
-    for mb in _micro_batches(local, micro_batch):
+    for mb in _micro_batches(local, micro_batch, data.lengths().tolist()):
         ids, mask, labels = _batch(data, mb, device)
         t = teacher.targets(mb, ids, mask, labels, with_hidden=live).to(device)
         with autocast(device, autocast_dtype):
@@ -620,7 +613,9 @@ class Stage2Trainer:
         self.student, self.data, self.teacher = student, data, teacher
         self.cfg = cfg.resolved(student)
         self.loss_cfg = self.cfg.loss_config()
-        self.params = trainable_parameters(student, self.cfg)
+        self.params = select_trainable(student, self.cfg.train_form, train_sub_scales=self.cfg.train_sub_scales,
+                                       extra_trainable=self.cfg.extra_trainable)
+        self.lengths: list[int] = data.lengths().tolist()
         decoder_and_head(student)  # a causal LM with a base model and a head, or ConfigError
         self.device = next(student.parameters()).device
         self.world = dist_utils.world_size() if dist_utils.is_distributed() else 1
@@ -792,7 +787,7 @@ class Stage2Trainer:
     def _start_training(self) -> None:
         """The loss module (wrapped in DDP when data parallel), train mode, CUDA memory statistics."""
         self.counts = self.data.completion_tokens()
-        self.part_names = [TERMS[t] for t in self.loss_cfg.term_set]
+        self.part_names = list(self.loss_cfg.term_set)
         engine = _StudentLoss(self.student, self.loss_cfg, self.cfg.autocast_dtype)
         self.engine: _StudentLoss | DistributedDataParallel = _wrap_ddp(engine) if self.world > 1 else engine
         self.student.train()
@@ -837,7 +832,7 @@ class Stage2Trainer:
         # A rank whose share is empty (a short last batch) still joins the all-reduce with a
         # zero-weighted micro-batch.
         weight = float(self.world) if local else 0.0
-        mbs = list(_micro_batches(local or idx[:1], self.cfg.micro_batch))
+        mbs = list(_micro_batches(local or idx[:1], self.cfg.micro_batch, self.lengths))
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, parts_sum, local_tokens, bad = 0.0, dict.fromkeys(self.part_names, 0.0), 0, None
         for i, mb in enumerate(mbs):
@@ -997,10 +992,11 @@ def run_stage2(
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> Stage2Report:
-    """Train the student's quantization scales against the teacher (module docstring).
+    """Train the student (its scales or its latent weights, ``cfg.train_form``) against the teacher (module docstring).
 
     Args:
-        student: a causal LM in the ``stage2`` form, on its training device; modified in place.
+        student: a quantized causal LM (QuantLinear in either form), on its training device; modified
+            in place and left in the training form.
         data: stage-2 samples; the last ``cfg.eval_samples`` are held out for evaluation.
         teacher: a :class:`rqat_deploy.train.teacher.LiveTeacher` or :class:`rqat_deploy.train.teacher.CachedTeacher`.
         cfg: hyperparameters (``lr``/``epochs`` ``None`` = the paper's for this model).

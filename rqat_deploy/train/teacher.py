@@ -313,11 +313,10 @@ class CachedTeacher:
         ids_mm = np.lib.format.open_memmap(out / "topk_ids.npy", mode=mode, dtype=np.int32, shape=(n_tok, k))
         lp_mm = np.lib.format.open_memmap(out / "topk_logprobs.npy", mode=mode, dtype=npdt, shape=(n_tok, k))
         lab_mm = np.lib.format.open_memmap(out / "label_logprobs.npy", mode=mode, dtype=npdt, shape=(n_tok,))
-        lengths = data.attention_mask.sum(dim=1).tolist()
         bar = tqdm(total=len(data), initial=done, desc="teacher cache", disable=not progress, leave=False)
         for i in range(done, len(data)):
-            pos = completion_positions(data.attention_mask[i : i + 1], data.labels[i : i + 1])[0]
-            t = live.sample_targets(data.input_ids[i, : lengths[i]], pos)
+            ids, mask, labels = data.subset([i]).padded()  # one sample: no padding
+            t = live.sample_targets(ids[0], completion_positions(mask, labels)[0])
             a, b = int(offsets[i]), int(offsets[i + 1])
             ids_mm[a:b] = t.topk_ids.cpu().numpy().astype(np.int32)
             lp_mm[a:b] = t.topk_logprobs.cpu().numpy().astype(npdt)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from rqat_deploy.errors import CheckpointError, ConfigError, ShapeError, did_you_mean
+from rqat_deploy.quant import reference
 
 GroupParams = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -215,6 +216,14 @@ class Grid(abc.ABC):
     @abc.abstractmethod
     def init(self, w: torch.Tensor) -> GridQuantizer:
         """Initial parameters for weight ``w`` ``[out, in]`` (round-to-nearest or a search)."""
+
+    @torch.no_grad()
+    def round_to_nearest(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` ``[out, in]`` quantized with :meth:`init` (round-to-nearest or the grid's search) and
+        dequantized again, float32: what the grid makes of ``w`` without data."""
+        q = self.init(w.float())
+        s, z, o = (t.detach() for t in q.group_params())
+        return reference.dequant(reference.quantize_codes(w.float(), s, z, o, q.qmax, q.gs), s, z, o, q.gs)
 
     @abc.abstractmethod
     def from_checkpoint(self, t: dict[str, torch.Tensor]) -> GridQuantizer:
