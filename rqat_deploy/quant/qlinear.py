@@ -107,6 +107,19 @@ class QuantLinear(nn.Module):
         self.quantizer.set_stage2(train_sub_scales)
 
     @torch.no_grad()
+    def thaw_codes(self) -> None:
+        """Switch to the stage-1 form: a float32 latent weight equal to the dequantized weight trains.
+
+        The quantization parameters are frozen, so the codes the forward derives from the latent
+        weight are the frozen ones until training moves the weight across a rounding boundary.
+        """
+        if self.weight is None:
+            self.weight = nn.Parameter(self.dequantized_weight())
+            self.qcodes = None
+        for p in self.quantizer.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """This module's tensors in the checkpoint layout of DESIGN.md 3 (on CPU)."""
         return {k: v.cpu().contiguous() for k, v in self.quantizer.checkpoint_tensors(self.codes()).items()}
