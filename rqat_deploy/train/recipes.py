@@ -9,6 +9,9 @@
 | `rqat` (default)| stage 1 from GPTQ, norm-space loss | reward-rectified CE + top-20 KL (``R+S``), rate probed, guarded |
 | `rqat-released` | stage 1                            | CE + top-20 JSD (``C+J``), linear schedule, 1,024-token sequences, norms and lm_head train |
 | `reasoning-qat` | GPTQ                               | full-vocabulary KL (``F``)                     |
+| `grpo`          | ``--init-from`` a quantized checkpoint | none; then cold-start GRPO (:mod:`rqat_deploy.train.grpo`) |
+
+A recipe whose ``grpo`` is not ``None`` ends with the GRPO stage (after its stage 2, if any).
 
 A new recipe is one :class:`Recipe` entry in :data:`RECIPE_TABLE` (and the CLI's ``--recipe``
 choices); a new initialisation or stage is a function that :mod:`rqat_deploy.train.run` dispatches on.
@@ -26,11 +29,13 @@ class Recipe:
 
     Attributes:
         name: the recipe name.
-        init: ``rtn`` | ``gptq`` | ``stage1``.
+        init: ``rtn`` | ``gptq`` | ``stage1`` | ``checkpoint`` (``--init-from`` is required).
         loss: stage-2 loss terms (:mod:`rqat_deploy.train.losses`), or ``None`` for no stage 2.
         stage1: :class:`~rqat_deploy.train.stage1.Stage1Config` overrides (``init``, ``loss_space``...).
         stage2: further :class:`~rqat_deploy.train.stage2.Stage2Config` overrides.
         train_seq_len: stage-2 sequence length override (the released code truncates at 1,024).
+        grpo: :class:`~rqat_deploy.train.grpo.GRPOConfig` overrides of a final GRPO stage, or ``None``
+            for none.
     """
 
     name: str
@@ -39,6 +44,7 @@ class Recipe:
     stage1: dict[str, Any] = field(default_factory=dict)
     stage2: dict[str, Any] = field(default_factory=dict)
     train_seq_len: int | None = None
+    grpo: dict[str, Any] | None = None
 
 
 #: The flagship's departures from the paper's form (DESIGN.md 5), chosen by held-out KL to the teacher
@@ -64,12 +70,15 @@ RECIPE_TABLE: dict[str, Recipe] = {
     "gptq": Recipe("gptq", "gptq"),
     "efficientqat": Recipe("efficientqat", "stage1", "C"),
     "reasoning-qat": Recipe("reasoning-qat", "gptq", "F"),
+    "grpo": Recipe("grpo", "checkpoint", grpo={}),
 }
 RECIPES = tuple(RECIPE_TABLE)
 
 #: Defaults for the built-in tiny reasoner (``--model`` not given): its sequences are ~100 tokens and
 #: it has 3.7 M parameters, so the paper's 4,096 x 2,048 calibration tokens and its learning rates
 #: (set for 1.5-32 B models) do not fit. Chosen on stage-2 validation loss, not on accuracy (README).
+#: GRPO: 16 steps of 4 prompts x 8 rollouts of <= 160 tokens (the teacher's answers take ~60), at
+#: the stage-2 rate (the same scales train); sized for a two-core CPU, not tuned on accuracy.
 BUILTIN_PRESET: dict[str, Any] = {
     "calib_samples": 256,
     "calib_seq_len": 512,
@@ -78,4 +87,8 @@ BUILTIN_PRESET: dict[str, Any] = {
     "global_batch": 16,
     "stage2_epochs": 1,
     "stage2_lr": 1e-3,
+    "grpo_steps": 16,
+    "grpo_lr": 1e-3,
+    "grpo_batch": 32,
+    "grpo_max_tokens": 160,
 }

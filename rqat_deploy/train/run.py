@@ -52,9 +52,15 @@ class TrainConfig:
         loss, alpha, beta: stage-2 loss override and weights (paper ``R+S``, 0.2, 1.0).
         global_batch, micro_batch: stage-2 samples per optimizer step / per forward.
         max_steps: cap on stage-2 optimizer steps.
-        init_from: a quantized checkpoint (same spec) to start stage 2 from instead of running the
-            recipe's initialisation, e.g. one ``--recipe stage1`` result shared by several stage-2
-            ablations.
+        init_from: a quantized checkpoint (same spec) to start stage 2 (or GRPO) from instead of running
+            the recipe's initialisation, e.g. one ``--recipe stage1`` result shared by several stage-2
+            ablations; ``--recipe grpo`` requires it.
+        grpo_steps, grpo_lr, grpo_batch, grpo_max_tokens: the GRPO stage's steps, peak learning rate,
+            rollouts per step and rollout token budget (paper 250, 5e-7, 64, 32,768).
+        grpo_trains: what GRPO trains: ``auto`` (the checkpoint's training form), ``weights``, ``scales``.
+        length_penalty: weight of GRPO's length-aware reward (0: off; :mod:`rqat_deploy.train.rewards`).
+        grpo_options: further :class:`~rqat_deploy.train.grpo.GRPOConfig` fields (library use; e.g.
+            ``{"kl_beta": 0.01, "reward": {"format_weight": 0.2}}``).
         stage1_options, stage2_options: :class:`~rqat_deploy.train.stage1.Stage1Config` /
             :class:`~rqat_deploy.train.stage2.Stage2Config` fields set over the recipe's (library use
             and ``--config`` files; e.g. ``{"loss_space": "block"}``).
@@ -86,6 +92,13 @@ class TrainConfig:
     init_from: str | None = None
     stage1_options: dict[str, Any] = field(default_factory=dict)
     stage2_options: dict[str, Any] = field(default_factory=dict)
+    grpo_steps: int = 250
+    grpo_lr: float = 5e-7
+    grpo_batch: int = 64
+    grpo_max_tokens: int = 32768
+    grpo_trains: str = "auto"
+    length_penalty: float = 0.0
+    grpo_options: dict[str, Any] = field(default_factory=dict)
     teacher_cache: bool = True
     work_dir: str | None = None
     keep_work: bool = False
@@ -117,9 +130,13 @@ class TrainConfig:
         for name in ("alpha", "beta"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.init_from is not None and self.plan.loss is None:
-            raise ConfigError(f"--init-from starts stage 2, which recipe {self.recipe!r} does not have; use --recipe rqat")
+        if self.init_from is not None and self.plan.loss is None and self.plan.grpo is None:
+            raise ConfigError(f"--init-from starts stage 2 or GRPO, which recipe {self.recipe!r} does not have; use --recipe rqat "
+                              "or --recipe grpo")
+        if self.plan.init == "checkpoint" and self.init_from is None:
+            raise ConfigError(f"--recipe {self.recipe} trains a quantized checkpoint: pass it with --init-from CKPT")
         self.stage2_config()  # the stage-2 settings (loss terms, batch sizes) are checked now too
+        self.grpo_config()
 
     def stage2_config(self) -> Any:
         """The :class:`rqat_deploy.train.stage2.Stage2Config` of this run, or None without a stage 2.
@@ -137,6 +154,31 @@ class TrainConfig:
             loss_terms=plan.loss, alpha=self.alpha, beta=self.beta, max_steps=self.max_steps, seed=self.seed,
             eval_samples=min(64, max(1, self.train_samples // 8)), **plan.stage2,
         )
+
+    def grpo_config(self) -> Any:
+        """The :class:`rqat_deploy.train.grpo.GRPOConfig` of this run, or None without a GRPO stage.
+
+        Raises:
+            ConfigError: an invalid GRPO setting.
+        """
+        plan = self.plan
+        if plan.grpo is None:
+            return None
+        from rqat_deploy.train.grpo import GRPOConfig
+
+        options = plan.grpo | self.grpo_options
+        reward = {"length_weight": self.length_penalty} | dict(options.pop("reward", {}))
+        return GRPOConfig(**({"steps": self.grpo_steps, "lr": self.grpo_lr, "global_batch": self.grpo_batch,
+                              "max_new_tokens": self.grpo_max_tokens, "trains": self.grpo_trains, "seed": self.seed}
+                             | options), reward=reward)
+
+    def prompt_spec(self) -> str:
+        """GRPO prompts: ``train_data`` (``builtin``: the built-in problems), else OpenR1-Math (built-in for the built-in model)."""
+        from rqat_deploy.builtin.synth import resolve_spec
+        from rqat_deploy.data.prompts import DEFAULT_RL_SPEC
+        from rqat_deploy.data.spec import BUILTIN
+
+        return resolve_spec(self.train_data, "train", BUILTIN if self.model is None else DEFAULT_RL_SPEC)
 
     def inputs(self) -> dict[str, str]:
         """The local directories this run reads, ``{path: what}``: outputs must lie outside them."""
@@ -194,6 +236,8 @@ class TrainConfig:
         d["quant"] = self.quant.to_dict()
         d["name"] = d.pop("recipe")
         d["plan"] = dataclasses.asdict(self.plan)
+        if self.plan.grpo is not None:
+            d["grpo"] = self.grpo_config().to_dict()
         d["rqat_deploy_version"] = __version__
         return d
 
@@ -303,10 +347,15 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
             student = _initialise(cfg, model, tok, reports, progress=progress)
             if plan.loss is not None:
                 reports["stage2"] = _stage2(cfg, student, model, tok, reports, progress=progress)
+            if plan.grpo is not None:
+                reports["grpo"] = _grpo(cfg, student, model, tok, reports, progress=progress)
         except BaseException:
             _drop_empty_work(cfg)
             raise
     recipe = cfg.to_recipe() | {"reports": reports, "seconds": round(time.perf_counter() - t0, 3)}
+    trained = reports["grpo"]["trains"] if "grpo" in reports else ("scales" if plan.loss is not None else None)
+    if trained is not None:  # the training form, which a later GRPO run follows (rqat_deploy.train.grpo.recorded_form)
+        recipe["trains"] = trained
     if not dist_utils.is_main():
         return out
     path = save_checkpoint(student, out, tokenizer=tok, base_model=base, recipe=recipe, force=cfg.force)
@@ -340,7 +389,8 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
                 f"not {cfg.quant.bits}-bit {cfg.quant.grid} (group {cfg.quant.group_size}); "
                 "pass the checkpoint's --bits/--grid/--group-size"
             )
-        reports["init_from"] = {"path": os.path.abspath(cfg.init_from), "recipe": meta.recipe.get("name")}
+        reports["init_from"] = {"path": os.path.abspath(cfg.init_from), "recipe": meta.recipe.get("name"),
+                                "trains": meta.recipe.get("trains")}
         dtype = next(teacher.parameters()).dtype
         return load_model(cfg.init_from, dtype=dtype, device=cfg.device, form="stage2", backend=cfg.backend)[0]
 
@@ -402,6 +452,22 @@ def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dic
     else:
         teacher_src = LiveTeacher(teacher)
     rep = run_stage2(student, data, teacher_src, s2, state_dir=cfg.work_path / "stage2", resume=cfg.resume, progress=progress)
+    return _jsonable(rep)
+
+
+def _grpo(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> dict[str, Any]:
+    """The GRPO stage on ``student`` (its training form decides what trains): the third step of
+    Reasoning-QAT and the whole of ``--recipe grpo``. Prompts come from :meth:`TrainConfig.prompt_spec`,
+    as many as the run takes (at most ``train_samples``), at most ``train_seq_len`` tokens each."""
+    from rqat_deploy.data.prompts import build_prompts
+    from rqat_deploy.train.grpo import run_grpo
+
+    g = cfg.grpo_config()
+    n = min(cfg.train_samples, g.steps * g.prompts_per_step)
+    prompts = build_prompts(tok, cfg.prompt_spec(), n, cfg.seed, max_prompt_tokens=cfg.train_seq_len)
+    reports["grpo_prompts"] = prompts.report
+    rep = run_grpo(student, tok, prompts, g, teacher=teacher, init_recipe=reports.get("init_from"),
+                   state_dir=cfg.work_path / "grpo", resume=cfg.resume, progress=progress)
     return _jsonable(rep)
 
 
