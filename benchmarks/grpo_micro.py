@@ -93,18 +93,6 @@ def _rows(out: Path) -> dict[str, list[dict[str, Any]]]:
     return by
 
 
-def _paired_thinking(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> str:
-    """Mean paired thinking-length difference over common seeds with a t-interval (empty if < 2 seeds)."""
-    from rqat_deploy.serve.report import t_interval
-
-    b_by_seed = {r["seed"]: r["thinking_tokens"] for r in rows_b}
-    diffs = [r["thinking_tokens"] - b_by_seed[r["seed"]] for r in rows_a if r["seed"] in b_by_seed]
-    if len(diffs) < 2:
-        return ""
-    m, lo, hi = t_interval(diffs)
-    return f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]"
-
-
 def _rtn_as_seeds(by: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The one RTN run repeated for every seed of the zero-RL arm (RTN has no seed), for paired differences."""
     rtn = by.get("RTN", [])
@@ -136,9 +124,9 @@ def table(out: Path) -> str:
     by_paired = dict(by, RTN=_rtn_as_seeds(by))
     for a, b in PAIRS:
         acc = micro._paired(by_paired.get(a, []), by_paired.get(b, []))
-        think = _paired_thinking(by_paired.get(a, []), by_paired.get(b, []))
+        think = micro._paired(by_paired.get(a, []), by_paired.get(b, []), key="thinking_tokens", scale=1.0)
         if acc:
-            lines.append(f"- {a} - {b}: accuracy {acc} pp; thinking tokens {think}")
+            lines.append(f"- {a} - {b}: accuracy {acc} (pp); thinking tokens {think}")
     return "\n".join(lines)
 
 

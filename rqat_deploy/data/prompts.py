@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping
 
 from rqat_deploy.data.chat import ends_in_thinking, render_prompt
 from rqat_deploy.data.evalset import ANSWER_FIELDS, QUESTION_FIELDS, SOLUTION_FIELDS, gold_final_answer
+from rqat_deploy.data.grading import last_boxed_content
 from rqat_deploy.data.mixing import SourceStats, permutation, report, sample_sources, shortfall
 from rqat_deploy.data.records import FieldMap, UnusableRecord, record_kind, render_record
 from rqat_deploy.data.sources import iter_records
@@ -82,7 +83,8 @@ def _gold(record: Mapping[str, Any], completion: str | None) -> str | None:
             gold = gold_final_answer(record[name])
             if gold:
                 return gold
-    return gold_final_answer(completion) if completion else None
+    boxed = last_boxed_content(completion) if completion else None
+    return boxed.strip() if boxed else None
 
 
 def _question_prompt(tokenizer: Any, record: Mapping[str, Any], instruction: str | None) -> str | None:
