@@ -353,7 +353,7 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
             _drop_empty_work(cfg)
             raise
     recipe = cfg.to_recipe() | {"reports": reports, "seconds": round(time.perf_counter() - t0, 3)}
-    trained = reports["grpo"]["trains"] if "grpo" in reports else ("scales" if plan.loss is not None else None)
+    trained = _trained_form(student, reports, plan)
     if trained is not None:  # the training form, which a later GRPO run follows (rqat_deploy.train.grpo.recorded_form)
         recipe["trains"] = trained
     if not dist_utils.is_main():
@@ -362,6 +362,18 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
     if plan.init != "rtn" and not cfg.keep_work:
         shutil.rmtree(cfg.work_path, ignore_errors=True)
     return path
+
+
+def _trained_form(student: Any, reports: dict[str, Any], plan: Recipe) -> str | None:
+    """What the run's last training stage trained: ``weights`` (latent, the student still holds them)
+    or ``scales``; None when nothing trained end to end (RTN, GPTQ, stage 1 alone)."""
+    from rqat_deploy.quant.surgery import quant_linears
+
+    if "grpo" in reports:
+        return reports["grpo"]["trains"]
+    if plan.loss is None:
+        return None
+    return "weights" if any(m.form == "stage1" for _, m in quant_linears(student)) else "scales"
 
 
 def _drop_empty_work(cfg: TrainConfig) -> None:
