@@ -250,3 +250,26 @@ def test_cli_grpo_from_a_checkpoint_writes_a_checkpoint_that_exports(tmp_path: P
     assert res.exit_code == 0, res.output
     history = model_info(str(out), hashes=False)["grpo_history"]
     assert write_training_curves({"g": history}, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_rollouts_sample_as_configured_not_with_the_models_own_defaults(env: dict[str, Any]) -> None:
+    """The built-in model's generation_config says temperature 0.6, top-k 20: rollouts must not inherit it."""
+    from rqat_deploy.train.grpo import generate_rollouts
+
+    model = env["teacher"]
+    assert model.generation_config.top_k == 20
+    seen: dict[str, Any] = {}
+    original = model.generate
+
+    def spy(**kw: Any) -> torch.Tensor:
+        seen.update(kw)
+        return original(**kw)
+
+    model.generate = spy
+    try:
+        torch.manual_seed(0)
+        roll = generate_rollouts(model, env["tok"], env["prompts"].prompts[:1], 2, max_new_tokens=8)
+    finally:
+        del model.generate
+    assert (seen["temperature"], seen["top_p"], seen["top_k"], seen["do_sample"]) == (1.0, 1.0, 0, True)
+    assert len(roll.completions) == 2 and all(len(c) <= 8 for c in roll.completions)

@@ -375,7 +375,7 @@ def generate_rollouts(
     expanded = [p for p in prompts for _ in range(group)]
     device = next(model.parameters()).device
     sampling: dict[str, Any] = {"do_sample": False} if greedy else {
-        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or None,
+        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k,  # 0 is off (None: the model's default)
     }
     out = Rollouts([], [], [], [], [])
     was_training = model.training
