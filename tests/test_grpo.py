@@ -273,3 +273,13 @@ def test_rollouts_sample_as_configured_not_with_the_models_own_defaults(env: dic
         del model.generate
     assert (seen["temperature"], seen["top_p"], seen["top_k"], seen["do_sample"]) == (1.0, 1.0, 0, True)
     assert len(roll.completions) == 2 and all(len(c) <= 8 for c in roll.completions)
+
+
+def test_second_update_on_a_batch_is_clipped_and_pays_the_kl_to_the_start(env: dict[str, Any]) -> None:
+    """With two updates per rollout batch the second is off-policy: the clip bites and the k3 KL
+    to the starting model (the reference) is positive."""
+    cfg = GRPOConfig(steps=1, lr=3e-2, trains="scales", updates_per_batch=2, kl_beta=0.1, **SMALL)
+    seen: list[dict[str, Any]] = []
+    run_grpo(_student(env, "stage2"), env["tok"], env["prompts"], cfg, progress=False, reward_fn=_alternating,
+             on_step=lambda _s, m: seen.append(m))
+    assert seen[0]["clip_fraction"] > 0 and seen[0]["kl"] > 0

@@ -85,7 +85,7 @@ from rqat_deploy.train.teacher import decoder_and_head
 
 __all__ = [
     "GRPOConfig", "GRPOReport", "GRPOTrainer", "Rollouts", "TRAINS", "clipped_token_loss", "generate_rollouts",
-    "group_advantages", "recorded_form", "resolve_trains", "run_grpo", "select_trainable",
+    "group_advantages", "recorded_form", "resolve_trains", "run_grpo", "select_trainable", "sequence_logprobs",
 ]
 
 STATE_FILE = "grpo_state.pt"
