@@ -348,7 +348,7 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
             if plan.loss is not None:
                 reports["stage2"] = _stage2(cfg, student, model, tok, reports, progress=progress)
             if plan.grpo is not None:
-                reports["grpo"] = _grpo(cfg, student, model, tok, reports, progress=progress)
+                reports["grpo"] = grpo_stage(cfg, student, model, tok, reports, progress=progress)
         except BaseException:
             _drop_empty_work(cfg)
             raise
@@ -467,10 +467,28 @@ def _stage2(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dic
     return _jsonable(rep)
 
 
-def _grpo(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> dict[str, Any]:
-    """The GRPO stage on ``student`` (its training form decides what trains): the third step of
-    Reasoning-QAT and the whole of ``--recipe grpo``. Prompts come from :meth:`TrainConfig.prompt_spec`,
-    as many as the run takes (at most ``train_samples``), at most ``train_seq_len`` tokens each."""
+def grpo_stage(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> dict[str, Any]:
+    """The GRPO stage on ``student``: the third step of Reasoning-QAT and the whole of ``--recipe grpo``.
+
+    :func:`run_train` calls it after stage 2 for every recipe whose ``grpo`` is set. What trains
+    follows the student's training form (``cfg.grpo_trains``, default ``auto``): a student still
+    holding latent weights (QuantLinear's stage-1 form, e.g. after KD on latent weights) trains its
+    weights through STE; a stage-2 student trains the weights only if ``reports["init_from"]``
+    records ``"trains": "weights"``, else its scales. Prompts come from
+    :meth:`TrainConfig.prompt_spec`, as many as the run takes (at most ``train_samples``), at most
+    ``train_seq_len`` tokens each; the state lives in ``<work>/grpo`` (``--resume``).
+
+    Args:
+        cfg: the run's configuration (:meth:`TrainConfig.grpo_config` gives the GRPO settings).
+        student: the quantized model, either form; trained in place.
+        teacher: the full-precision model (the length-aware reward's and ``kl_reference="teacher"``'s).
+        tok: the tokenizer.
+        reports: the run's reports so far (``grpo_prompts`` is added).
+        progress: show the progress bar.
+
+    Returns:
+        The :class:`~rqat_deploy.train.grpo.GRPOReport` as a JSON-ready dict.
+    """
     from rqat_deploy.data.prompts import build_prompts
     from rqat_deploy.train.grpo import run_grpo
 
