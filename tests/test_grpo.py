@@ -93,14 +93,16 @@ def test_prompts_take_gold_answers_from_fields_traces_or_question_rows(env: dict
                       {"role": "assistant", "content": "<think>\n2 + 3 = 5.\n</think>\n\nThe answer is \\boxed{5}."}]},
         {"problem": "What is 4 * 4?", "answer": "16"},
         {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]},  # no gold
+        {"problem": "What is 3 + 4?", "solution": "3 + 4 is \\boxed{7}."},
+        {"problem": "Name a colour.", "solution": "Blue, for instance."},  # a solution without a final answer
     ]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ps = build_prompts(env["tok"], str(f), 2, seed=0, instruction="Box it.")
+    ps = build_prompts(env["tok"], str(f), 3, seed=0, instruction="Box it.")
     by_answer = {p.answer: p for p in ps.prompts}
-    assert set(by_answer) == {"5", "16"}
+    assert set(by_answer) == {"5", "16", "7"}
     assert by_answer["5"].ref_thinking_tokens > 0 and by_answer["16"].ref_thinking_tokens is None
     assert "What is 4 * 4?\nBox it." in by_answer["16"].text and by_answer["16"].text.endswith("assistant\n")
-    assert ps.report["sources"][0]["records_skipped"] == {"no_gold_answer": 1}
+    assert ps.report["sources"][0]["records_skipped"] == {"no_gold_answer": 2}
 
 
 # -- what trains ------------------------------------------------------------------------------

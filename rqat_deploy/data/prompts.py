@@ -77,14 +77,16 @@ class PromptSet:
 
 
 def _gold(record: Mapping[str, Any], completion: str | None) -> str | None:
-    """The record's answer field, else the last ``\\boxed{}`` of its solution or completion."""
-    for name in (*ANSWER_FIELDS, *SOLUTION_FIELDS):
-        if record.get(name) is not None:
-            gold = gold_final_answer(record[name])
-            if gold:
-                return gold
-    boxed = last_boxed_content(completion) if completion else None
-    return boxed.strip() if boxed else None
+    """The record's answer field, else the last ``\\boxed{}`` of its solution field or of its completion."""
+    for name in ANSWER_FIELDS:
+        gold = gold_final_answer(record.get(name))
+        if gold:
+            return gold
+    for text in (*(record.get(n) for n in SOLUTION_FIELDS), completion):
+        boxed = last_boxed_content(text) if isinstance(text, str) else None
+        if boxed and boxed.strip():
+            return boxed.strip()
+    return None
 
 
 def _question_prompt(tokenizer: Any, record: Mapping[str, Any], instruction: str | None) -> str | None:
