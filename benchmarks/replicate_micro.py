@@ -197,10 +197,11 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
-def _paired(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> str:
-    """Mean paired accuracy difference over common seeds with a t-interval (empty if < 2 seeds)."""
-    b_by_seed = {r["seed"]: r["accuracy"] for r in rows_b}
-    diffs = [100 * (r["accuracy"] - b_by_seed[r["seed"]]) for r in rows_a if r["seed"] in b_by_seed]
+def _paired(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], key: str = "accuracy", scale: float = 100.0) -> str:
+    """Mean paired difference of ``key`` (x ``scale``: percentage points by default) over common seeds
+    with a t-interval (empty if < 2 seeds)."""
+    b_by_seed = {r["seed"]: r[key] for r in rows_b}
+    diffs = [scale * (r[key] - b_by_seed[r["seed"]]) for r in rows_a if r["seed"] in b_by_seed]
     if len(diffs) < 2:
         return ""
     from rqat_deploy.serve.report import t_interval

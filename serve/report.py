@@ -42,6 +42,7 @@ __all__ = [
     "summarize_model",
     "write_plots",
     "write_report",
+    "write_training_curves",
 ]
 
 #: Packages whose versions every report records (absent ones are recorded as None).
@@ -383,6 +384,16 @@ def _dir_bits(path: Path) -> dict[str, Any]:
     return {"bits": width, "bits_per_weight": float(width) if width else None}
 
 
+def _grpo_history(path: Path) -> dict[str, list[float]] | None:
+    """The per-step GRPO metrics a checkpoint's recipe records (reward, response length, entropy...), or None."""
+    try:
+        recipe = json.loads((path / "rqat_quant.json").read_text()).get("recipe") or {}
+        history = recipe.get("reports", {}).get("grpo", {}).get("history")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return history if isinstance(history, dict) and history else None
+
+
 def model_info(path: str, *, hashes: bool = True) -> dict[str, Any]:
     """Describe a model for the report: path, kind, bits, file hashes.
 
@@ -406,6 +417,10 @@ def model_info(path: str, *, hashes: bool = True) -> dict[str, Any]:
             info["kind"] = "hub"
     except Exception as exc:  # a bits guess must never stop a benchmark
         info["bits_error"] = f"{type(exc).__name__}: {exc}"
+    if info.get("kind") == "checkpoint":
+        history = _grpo_history(p)
+        if history:
+            info["grpo_history"] = history
     info.setdefault("bits", None)
     info.setdefault("bits_per_weight", None)
     if hashes:
@@ -594,7 +609,46 @@ def write_plots(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> list
         ax.set_title("Accuracy vs bits")
         ax.legend(fontsize=8)
         written.append(atomic_write_bytes(out / "accuracy_vs_bits.png", _figure_png(fig)))
+    runs = {label: m["grpo_history"] for label, m in models.items() if m.get("grpo_history")}
+    if runs:
+        written.append(write_training_curves(runs, out / "grpo_training.png"))
     return written
+
+
+#: the training curves :func:`write_training_curves` draws, with their axis labels
+TRAINING_PANELS = (("reward", "mean reward"), ("response_length", "response tokens"), ("entropy", "entropy (nats/token)"))
+
+
+def write_training_curves(runs: dict[str, dict[str, list[float]]], path: str | os.PathLike[str]) -> Path:
+    """One PNG of per-step training metrics: reward, response length and entropy, one line per run.
+
+    Args:
+        runs: per run label, its per-step series by name (a GRPO report's ``history``).
+        path: the PNG file (written atomically).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ConfigError: matplotlib is not installed (the ``bench`` extra).
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        from rqat_deploy.errors import ConfigError
+
+        raise ConfigError("plots need matplotlib: pip install 'rqat-deploy[bench]'") from e
+    fig = Figure(figsize=(12, 3.6))
+    for k, (key, label) in enumerate(TRAINING_PANELS):
+        ax = fig.add_subplot(1, len(TRAINING_PANELS), k + 1)
+        for i, (name, series) in enumerate(runs.items()):
+            values = series.get(key) or []
+            ax.plot(range(1, len(values) + 1), values, color=f"C{i % 10}", linewidth=1.2, label=name)
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel(label)
+    fig.axes[0].legend(fontsize=7)
+    fig.suptitle("GRPO training")
+    return atomic_write_bytes(Path(path), _figure_png(fig))
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str], *, plots: bool = True) -> dict[str, Any]:

@@ -59,6 +59,7 @@ def test_rqat_recipe_trains_scales_only_and_records_everything(tiny_qwen3_dir: P
     meta = json.loads((out / "rqat_quant.json").read_text())
     recipe = meta["recipe"]
     assert recipe["name"] == "rqat" and recipe["plan"]["loss"] == "rr+topk_kl" and recipe["alpha"] == 0.2
+    assert recipe["trains"] == "scales"  # the training form a later --recipe grpo follows
     assert {"calibration", "stage1", "train_data", "stage2"} <= set(recipe["reports"])
     s1 = recipe["reports"]["stage1"]["blocks"]
     assert len(s1) == 2

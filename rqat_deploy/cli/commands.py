@@ -156,7 +156,8 @@ def cli(debug: bool) -> None:
               help="rqat: our flagship (stage 1 from GPTQ + scale training with rr+topk_kl, guarded); the paper's "
                    "ablation rows as the paper ran them: S (RTN, then CE), R (RTN, then rr+topk_kl), C (stage 1 only), "
                    "C+S (stage 1, then CE), C+R (stage 1, then rr+topk_kl: the paper's method); rtn, gptq, awq "
-                   "(128 math samples); reasoning-qat (GPTQ on math, then KD on the latent weights); see README.")
+                   "(128 math samples); reasoning-qat (GPTQ on math, then KD on the latent weights); grpo (cold-start GRPO of an "
+                   "--init-from checkpoint); see README.")
 @click.option("--bits", default=2, show_default=True, type=click.Choice(["2", "3", "4"]), help="Weight bit width.")
 @click.option("--grid", default="uniform", show_default=True, type=click.Choice(["uniform", "kquant", "q2_0"]),
               help="uniform: asymmetric per-group (GPTQ / compressed-tensors exact); kquant: llama.cpp Q2_K/Q3_K "
@@ -196,6 +197,14 @@ def cli(debug: bool) -> None:
 @click.option("--max-steps", default=None, type=int, help="Cap on stage-2 optimizer steps.")
 @click.option("--init-from", default=None, type=click.Path(exists=True, file_okay=False),
               help="Start stage 2 from this quantized checkpoint (e.g. a --recipe stage1 result) instead of initialising.")
+@click.option("--grpo-steps", default=250, show_default=True, type=int, help="GRPO steps (rollout batches).")
+@click.option("--grpo-lr", default=5e-7, show_default=True, type=float, help="GRPO peak learning rate (Adam 0.9/0.95, cosine).")
+@click.option("--grpo-batch", default=64, show_default=True, type=int, help="GRPO rollouts per step (8 per prompt).")
+@click.option("--grpo-max-tokens", default=32768, show_default=True, type=int, help="GRPO rollout token budget.")
+@click.option("--grpo-trains", default="auto", show_default=True, type=click.Choice(["auto", "weights", "scales"]),
+              help="What GRPO trains: latent weights through STE, or scales only; auto: the checkpoint's training form.")
+@click.option("--length-penalty", default=0.0, show_default=True, type=float,
+              help="GRPO length-aware reward: weight of the penalty on thinking beyond the teacher's length (0: off).")
 @click.option("--no-teacher-cache", is_flag=True, help="Keep the teacher live in stage 2 instead of caching its top-k.")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False), help="Resumable state (default: OUT.work).")
 @click.option("--keep-work", is_flag=True, help="Keep the work directory after success.")
@@ -219,6 +228,7 @@ def train(**kw: Any) -> None:
       rqat-deploy train --model ./my-model --recipe rtn --bits 2 --grid kquant --out ckpt
       rqat-deploy train --model ./my-model --recipe gptq --bits 3 --calib data.jsonl --out ckpt3
       rqat-deploy train --model ./m --calib mix.jsonl --train-data traces.jsonl --loss ce+topk_kl --out kd
+      rqat-deploy train --recipe grpo --init-from tiny-int2 --out tiny-int2-grpo   # cold-start GRPO
       rqat-deploy train --config run.toml --bits 3      # flags override the file
       rqat-deploy train --config run.toml --resume      # continue after Ctrl-C
     """

@@ -4,10 +4,12 @@
     freeze_codes(model)          # stage-1 -> stage-2 form (codes frozen, scales train)
     select_trainable(model, form)  # what end-to-end training trains: the scales or the latent weights
     convert_model(model)         # QuantLinear -> Linear with the dequantized weight
+    with dequantized_view(model): ...   # the same swap, undone on exit (fast generation)
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from typing import Iterator, Sequence
 
@@ -163,6 +165,16 @@ def select_trainable(
 
 
 @torch.no_grad()
+def _dequantized_linear(mod: QuantLinear) -> nn.Linear:
+    """A plain Linear holding ``mod``'s dequantized weight (and a copy of its bias)."""
+    w = mod.dequantized_weight()
+    lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=w.device)
+    lin.weight.data = w.to(lin.weight.dtype)
+    if mod.bias is not None:
+        lin.bias.data = mod.bias.detach().clone()
+    return lin
+
+
 def convert_model(model: nn.Module) -> nn.Module:
     """Replace every QuantLinear in place by a plain ``nn.Linear`` holding its dequantized weight.
 
@@ -170,10 +182,27 @@ def convert_model(model: nn.Module) -> nn.Module:
         ``model``, now free of QuantLinear modules (for evaluation or foreign runtimes).
     """
     for name, mod in list(quant_linears(model)):
-        w = mod.dequantized_weight()
-        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=w.device)
-        lin.weight.data = w.to(lin.weight.dtype)
-        if mod.bias is not None:
-            lin.bias.data = mod.bias.detach().clone()
-        set_submodule(model, name, lin)
+        set_submodule(model, name, _dequantized_linear(mod))
     return model
+
+
+@contextlib.contextmanager
+def dequantized_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every QuantLinear is swapped for a plain Linear of its dequantized weight.
+
+    The forward is the same function (the weight each QuantLinear would compute, the one the
+    checkpoint and its exact exports hold) without re-dequantizing it at every call: what
+    generation, which runs the model once per new token, needs. The QuantLinear modules are put
+    back on exit; nothing trains through the view.
+
+    Yields:
+        ``model``.
+    """
+    swapped = [(name, mod) for name, mod in quant_linears(model)]
+    for name, mod in swapped:
+        set_submodule(model, name, _dequantized_linear(mod))
+    try:
+        yield model
+    finally:
+        for name, mod in swapped:
+            set_submodule(model, name, mod)

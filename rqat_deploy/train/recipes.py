@@ -12,8 +12,11 @@
 | `gptq`          | GPTQ, 128 math samples by default  | none                                            |
 | `awq`           | AWQ, 128 math samples by default   | none                                            |
 | `efficientqat`  | stage 1                            | scales: plain CE (``ce``)                       |
-| `reasoning-qat` | GPTQ on math (NuminaMath-1.5)      | latent weights (STE): ``kl`` on OpenR1-Math, Adam (0.9, 0.95), lr 1e-6, batch 32, 6,000 steps |
+| `reasoning-qat` | GPTQ on math (NuminaMath-1.5)      | latent weights (STE): ``kl`` on OpenR1-Math, Adam (0.9, 0.95), lr 1e-6, batch 32, 6,000 steps; then cold-start GRPO |
 | `reasoning-qat-scales` | as `reasoning-qat`          | scales only (the earlier form of the recipe)    |
+| `grpo`          | ``--init-from`` a quantized checkpoint | none; then cold-start GRPO (:mod:`rqat_deploy.train.grpo`) |
+
+A recipe whose ``grpo`` is not ``None`` ends with the GRPO stage (after its stage 2, if any).
 
 The paper's ablation rows (``S``, ``R``, ``C``, ``C+S``, ``C+R``; :data:`PAPER_ROWS`) are recipes,
 not loss terms: "'S' denotes the conventional supervised fine-tuning with cross entropy loss
@@ -44,7 +47,7 @@ class Recipe:
 
     Attributes:
         name: the recipe name.
-        init: ``rtn`` | ``gptq`` | ``awq`` | ``stage1``.
+        init: ``rtn`` | ``gptq`` | ``awq`` | ``stage1`` | ``checkpoint`` (``--init-from`` is required).
         loss: stage-2 loss terms (:mod:`rqat_deploy.train.losses`), or ``None`` for no stage 2.
         stage1: :class:`~rqat_deploy.train.stage1.Stage1Config` overrides (``init``, ``loss_space``...).
         stage2: further :class:`~rqat_deploy.train.stage2.Stage2Config` overrides (``train_form``,
@@ -62,6 +65,8 @@ class Recipe:
             ``--init-from`` only from a checkpoint of the same initialisation).
         gptq_guard: after a stage-1 initialisation, also run plain GPTQ and keep whichever model is
             closer to the teacher (mean next-token KL) on the held-out calibration sequences.
+        grpo: :class:`~rqat_deploy.train.grpo.GRPOConfig` overrides of a final GRPO stage, or ``None``
+            for none.
     """
 
     name: str
@@ -76,6 +81,7 @@ class Recipe:
     builtin: dict[str, Any] = field(default_factory=dict)
     paper_row: bool = False
     gptq_guard: bool = False
+    grpo: dict[str, Any] | None = None
 
 
 #: The flagship's departures from the paper's form (DESIGN.md 5), chosen by held-out KL to the teacher
@@ -112,8 +118,8 @@ _REASONING_QAT_DEFAULTS: dict[str, Any] = {
 #: Reasoning-QAT on the built-in model: the preset's sizes; 128 math (built-in) calibration samples
 #: of 128 tokens;
 #: the latent-weight rate chosen like the preset's, by the lowest held-out KL among 1e-5 / 3e-5 / 1e-4 /
-#: 3e-4 (README), not on accuracy.
-_REASONING_QAT_BUILTIN: dict[str, Any] = _PTQ_BUILTIN | {"stage2_lr": 1e-4}
+#: 3e-4 (README), not on accuracy; its GRPO step trains the same latent weights at the same rate.
+_REASONING_QAT_BUILTIN: dict[str, Any] = _PTQ_BUILTIN | {"stage2_lr": 1e-4, "grpo_lr": 1e-4}
 
 
 def _paper_row(name: str, init: str, loss: str | None) -> Recipe:
@@ -147,13 +153,14 @@ RECIPE_TABLE: dict[str, Recipe] = {
     "efficientqat": Recipe("efficientqat", "stage1", "ce"),
     "reasoning-qat": Recipe(
         "reasoning-qat", "gptq", "kl", stage2=REASONING_QAT_STAGE2, calib_domain="math", train_domain="math",
-        defaults=_REASONING_QAT_DEFAULTS, builtin=_REASONING_QAT_BUILTIN,
+        defaults=_REASONING_QAT_DEFAULTS, builtin=_REASONING_QAT_BUILTIN, grpo={},
     ),
     "reasoning-qat-scales": Recipe(
         "reasoning-qat-scales", "gptq", "kl", stage2=REASONING_QAT_STAGE2 | {"train_form": "scales"},
         calib_domain="math", train_domain="math", defaults=_REASONING_QAT_DEFAULTS,
-        builtin=_PTQ_BUILTIN,
+        builtin=_PTQ_BUILTIN, grpo={},
     ),
+    "grpo": Recipe("grpo", "checkpoint", grpo={}),
 }
 RECIPES = tuple(RECIPE_TABLE)
 
@@ -166,10 +173,16 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     "stage2_epochs": None,  # the paper's per bit width (Stage2Config)
     "stage2_lr": None,  # the paper's per bit width (Stage2Config)
     "max_steps": None,
+    "grpo_steps": 250,  # Reasoning-QAT's GRPO (its Table 7)
+    "grpo_lr": 5e-7,
+    "grpo_batch": 64,
+    "grpo_max_tokens": 32768,
 }
 #: Defaults for the built-in tiny reasoner (``--model`` not given): its sequences are ~100 tokens and
 #: it has 3.7 M parameters, so the paper's 4,096 x 2,048 calibration tokens and its learning rates
 #: (set for 1.5-32 B models) do not fit. Chosen on stage-2 validation loss, not on accuracy (README).
+#: GRPO: 16 steps of 4 prompts x 8 rollouts of <= 160 tokens (the teacher's answers take ~60), at
+#: the stage-2 rate (the same scales train); sized for a two-core CPU, not tuned on accuracy.
 BUILTIN_PRESET: dict[str, Any] = {
     "calib_samples": 256,
     "calib_seq_len": 512,
@@ -178,6 +191,10 @@ BUILTIN_PRESET: dict[str, Any] = {
     "stage2_epochs": 1,
     "stage2_lr": 1e-3,
     "max_steps": None,
+    "grpo_steps": 16,
+    "grpo_lr": 1e-3,
+    "grpo_batch": 32,
+    "grpo_max_tokens": 160,
 }
 
 

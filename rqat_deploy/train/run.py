@@ -60,9 +60,15 @@ class TrainConfig:
         Options left ``None`` in :data:`rqat_deploy.train.recipes.GLOBAL_DEFAULTS` take the recipe's
         value (:func:`rqat_deploy.train.recipes.option_defaults`; the built-in model's preset
         without ``model``) when the config is built.
-        init_from: a quantized checkpoint (same spec) to start stage 2 from instead of running the
-            recipe's initialisation, e.g. one ``--recipe stage1`` result shared by several stage-2
-            ablations.
+        init_from: a quantized checkpoint (same spec) to start stage 2 (or GRPO) from instead of running
+            the recipe's initialisation, e.g. one ``--recipe stage1`` result shared by several stage-2
+            ablations; ``--recipe grpo`` requires it.
+        grpo_steps, grpo_lr, grpo_batch, grpo_max_tokens: the GRPO stage's steps, peak learning rate,
+            rollouts per step and rollout token budget (paper 250, 5e-7, 64, 32,768).
+        grpo_trains: what GRPO trains: ``auto`` (the checkpoint's training form), ``weights``, ``scales``.
+        length_penalty: weight of GRPO's length-aware reward (0: off; :mod:`rqat_deploy.train.rewards`).
+        grpo_options: further :class:`~rqat_deploy.train.grpo.GRPOConfig` fields (library use; e.g.
+            ``{"kl_beta": 0.01, "reward": {"format_weight": 0.2}}``).
         stage1_options, stage2_options: :class:`~rqat_deploy.train.stage1.Stage1Config` /
             :class:`~rqat_deploy.train.stage2.Stage2Config` fields set over the recipe's (library use
             and ``--config`` files; e.g. ``{"loss_space": "block"}``).
@@ -94,6 +100,13 @@ class TrainConfig:
     init_from: str | None = None
     stage1_options: dict[str, Any] = field(default_factory=dict)
     stage2_options: dict[str, Any] = field(default_factory=dict)
+    grpo_steps: int | None = None
+    grpo_lr: float | None = None
+    grpo_batch: int | None = None
+    grpo_max_tokens: int | None = None
+    grpo_trains: str = "auto"
+    length_penalty: float = 0.0
+    grpo_options: dict[str, Any] = field(default_factory=dict)
     teacher_cache: bool = True
     work_dir: str | None = None
     keep_work: bool = False
@@ -128,11 +141,15 @@ class TrainConfig:
         for name in ("alpha", "beta"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.init_from is not None and self.plan.loss is None:
-            raise ConfigError(f"--init-from starts stage 2, which recipe {self.recipe!r} does not have; use --recipe rqat")
+        if self.init_from is not None and self.plan.loss is None and self.plan.grpo is None:
+            raise ConfigError(f"--init-from starts stage 2 or GRPO, which recipe {self.recipe!r} does not have; use --recipe rqat "
+                              "or --recipe grpo")
+        if self.plan.init == "checkpoint" and self.init_from is None:
+            raise ConfigError(f"--recipe {self.recipe} trains a quantized checkpoint: pass it with --init-from CKPT")
         if self.init_from is not None and self.plan.init in ("rtn",) and self.plan.paper_row:
             raise ConfigError(f"--recipe {self.recipe} starts from round-to-nearest by definition: drop --init-from")
         self.stage2_config()  # the stage-2 settings (loss terms, batch sizes) are checked now too
+        self.grpo_config()
 
     def stage2_config(self) -> Any:
         """The :class:`rqat_deploy.train.stage2.Stage2Config` of this run, or None without a stage 2.
@@ -150,6 +167,31 @@ class TrainConfig:
             loss_terms=plan.loss, alpha=self.alpha, beta=self.beta, max_steps=self.max_steps, seed=self.seed,
             eval_samples=min(64, max(1, self.train_samples // 8)), **plan.stage2,
         )
+
+    def grpo_config(self) -> Any:
+        """The :class:`rqat_deploy.train.grpo.GRPOConfig` of this run, or None without a GRPO stage.
+
+        Raises:
+            ConfigError: an invalid GRPO setting.
+        """
+        plan = self.plan
+        if plan.grpo is None:
+            return None
+        from rqat_deploy.train.grpo import GRPOConfig
+
+        options = plan.grpo | self.grpo_options
+        reward = {"length_weight": self.length_penalty} | dict(options.pop("reward", {}))
+        return GRPOConfig(**({"steps": self.grpo_steps, "lr": self.grpo_lr, "global_batch": self.grpo_batch,
+                              "max_new_tokens": self.grpo_max_tokens, "trains": self.grpo_trains, "seed": self.seed}
+                             | options), reward=reward)
+
+    def prompt_spec(self) -> str:
+        """GRPO prompts: ``train_data`` (``builtin``: the built-in problems), else OpenR1-Math (built-in for the built-in model)."""
+        from rqat_deploy.builtin.synth import resolve_spec
+        from rqat_deploy.data.prompts import DEFAULT_RL_SPEC
+        from rqat_deploy.data.spec import BUILTIN
+
+        return resolve_spec(self.train_data, "train", BUILTIN if self.model is None else DEFAULT_RL_SPEC)
 
     def inputs(self) -> dict[str, str]:
         """The local directories this run reads, ``{path: what}``: outputs must lie outside them."""
@@ -222,6 +264,8 @@ class TrainConfig:
         d["quant"] = self.quant.to_dict()
         d["name"] = d.pop("recipe")
         d["plan"] = dataclasses.asdict(self.plan)
+        if self.plan.grpo is not None:
+            d["grpo"] = self.grpo_config().to_dict()
         d["rqat_deploy_version"] = __version__
         return d
 
@@ -330,16 +374,33 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
             student = _initialise(cfg, model, tok, reports, progress=progress)
             if plan.loss is not None:
                 reports["stage2"] = _stage2(cfg, student, model, tok, reports, progress=progress)
+            if plan.grpo is not None:
+                reports["grpo"] = grpo_stage(cfg, student, model, tok, reports, progress=progress)
         except BaseException:
             _drop_empty_work(cfg)
             raise
     recipe = cfg.to_recipe() | {"reports": reports, "seconds": round(time.perf_counter() - t0, 3)}
+    trained = _trained_form(student, reports, plan)
+    if trained is not None:  # the training form, which a later GRPO run follows (rqat_deploy.train.grpo.recorded_form)
+        recipe["trains"] = trained
     if not dist_utils.is_main():
         return out
     path = save_checkpoint(student, out, tokenizer=tok, base_model=base, recipe=recipe, force=cfg.force)
     if cfg.needs_work_dir and not cfg.keep_work:
         shutil.rmtree(cfg.work_path, ignore_errors=True)
     return path
+
+
+def _trained_form(student: Any, reports: dict[str, Any], plan: Recipe) -> str | None:
+    """What the run's last training stage trained: ``weights`` (latent, the student still holds them)
+    or ``scales``; None when nothing trained end to end (RTN, GPTQ, stage 1 alone)."""
+    from rqat_deploy.quant.surgery import quant_linears
+
+    if "grpo" in reports:
+        return reports["grpo"]["trains"]
+    if plan.loss is None:
+        return None
+    return "weights" if any(m.form == "stage1" for _, m in quant_linears(student)) else "scales"
 
 
 def _drop_empty_work(cfg: TrainConfig) -> None:
@@ -388,7 +449,8 @@ def _initialise(cfg: TrainConfig, teacher: Any, tok: Any, reports: dict[str, Any
     if cfg.init_from is not None:  # a finished initialisation to share between stage-2 runs
         meta = read_checkpoint(cfg.init_from).meta
         _check_init_from(cfg, meta)
-        reports["init_from"] = {"path": os.path.abspath(cfg.init_from), "recipe": meta.recipe.get("name")}
+        reports["init_from"] = {"path": os.path.abspath(cfg.init_from), "recipe": meta.recipe.get("name"),
+                                "trains": meta.recipe.get("trains")}
         dtype = next(teacher.parameters()).dtype
         return load_model(cfg.init_from, dtype=dtype, device=cfg.device, form="stage2", backend=cfg.backend)[0]
 
@@ -510,6 +572,40 @@ def context_length(model: Any) -> int:
             f"{type(model).__name__}'s config has no max_position_embeddings: pass --train-seq-len to bound stage-2 samples"
         )
     return n
+
+
+def grpo_stage(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: dict[str, Any], *, progress: bool) -> dict[str, Any]:
+    """The GRPO stage on ``student``: the third step of Reasoning-QAT and the whole of ``--recipe grpo``.
+
+    :func:`run_train` calls it after stage 2 for every recipe whose ``grpo`` is set. What trains
+    follows the student's training form (``cfg.grpo_trains``, default ``auto``): a student still
+    holding latent weights (QuantLinear's stage-1 form, e.g. after KD on latent weights) trains its
+    weights through STE; a stage-2 student trains the weights only if ``reports["init_from"]``
+    records ``"trains": "weights"``, else its scales. Prompts come from
+    :meth:`TrainConfig.prompt_spec`, as many as the run takes (at most ``train_samples``), at most
+    ``train_seq_len`` tokens each; the state lives in ``<work>/grpo`` (``--resume``).
+
+    Args:
+        cfg: the run's configuration (:meth:`TrainConfig.grpo_config` gives the GRPO settings).
+        student: the quantized model, either form; trained in place.
+        teacher: the full-precision model (the length-aware reward's and ``kl_reference="teacher"``'s).
+        tok: the tokenizer.
+        reports: the run's reports so far (``grpo_prompts`` is added).
+        progress: show the progress bar.
+
+    Returns:
+        The :class:`~rqat_deploy.train.grpo.GRPOReport` as a JSON-ready dict.
+    """
+    from rqat_deploy.data.prompts import build_prompts
+    from rqat_deploy.train.grpo import run_grpo
+
+    g = cfg.grpo_config()
+    n = min(cfg.train_samples, g.steps * g.prompts_per_step)
+    prompts = build_prompts(tok, cfg.prompt_spec(), n, cfg.seed, max_prompt_tokens=cfg.train_seq_len)
+    reports["grpo_prompts"] = prompts.report
+    rep = run_grpo(student, tok, prompts, g, teacher=teacher, init_recipe=reports.get("init_from"),
+                   state_dir=cfg.work_path / "grpo", resume=cfg.resume, progress=progress)
+    return _jsonable(rep)
 
 
 def _jsonable(report: Any) -> dict[str, Any]:

@@ -342,7 +342,8 @@ def _named(names: list[str]) -> str:
     return ", ".join(shown) + (" ..." if len(names) > 5 else "")
 
 
-def _check_finite(params: list[tuple[str, nn.Parameter]], what: str, step: int, hint: str) -> None:
+def check_finite(params: list[tuple[str, nn.Parameter]], what: str, step: int, hint: str) -> None:
+    """Raise :class:`NonFiniteError` naming the tensors whose ``what`` (``"gradient"`` or the values) holds NaN/inf."""
     bad = []
     for name, p in params:
         t = p.grad if what == "gradient" else p
@@ -353,7 +354,7 @@ def _check_finite(params: list[tuple[str, nn.Parameter]], what: str, step: int, 
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM while the block runs, then deliver them (main thread only).
 
     An interrupt in the middle of an optimizer update would leave parameters of one step with the
@@ -374,7 +375,7 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(s)
 
 
-def _check_pinned(params: list[tuple[str, nn.Parameter]], step: int, hint: str) -> None:
+def check_pinned(params: list[tuple[str, nn.Parameter]], step: int, hint: str) -> None:
     """A quantization scale at the fp16 limit is no trained value: the run has diverged."""
     pinned = [n for n, p in params if ".quantizer." in n and bool((p.detach().abs() >= FP16_MAX).any())]
     if pinned:
@@ -503,11 +504,19 @@ def _agree(what: dict[str, Any]) -> None:
         )
 
 
-class _Logger:
-    """JSONL metrics (and TensorBoard when installed)."""
+class MetricsLogger:
+    """JSONL metrics (and TensorBoard when installed, under ``stage/``).
 
-    def __init__(self, path: Path | None, tensorboard: bool, resume_step: int | None) -> None:
+    Args:
+        path: the JSONL file (``None``: log nothing).
+        tensorboard: also write TensorBoard scalars beside it.
+        resume_step: keep the lines up to this step (a resumed run); ``None`` starts the file anew.
+        stage: the TensorBoard tag prefix.
+    """
+
+    def __init__(self, path: Path | None, tensorboard: bool, resume_step: int | None, stage: str = "stage2") -> None:
         self.path = path
+        self.stage = stage
         self.tb = None
         if path is None:
             return
@@ -529,6 +538,7 @@ class _Logger:
                 self.tb = None
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append one record (and its numbers to TensorBoard)."""
         if self.path is None:
             return
         with self.path.open("a") as f:
@@ -537,9 +547,10 @@ class _Logger:
             step = int(record.get("step", 0))
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"stage2/{record.get('event', 'train')}/{k}", v, step)
+                    self.tb.add_scalar(f"{self.stage}/{record.get('event', 'train')}/{k}", v, step)
 
     def close(self) -> None:
+        """Close TensorBoard's writer."""
         if self.tb is not None:
             self.tb.close()
 
@@ -558,7 +569,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_state(path: Path, payload: dict[str, Any]) -> None:
+def save_state(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` ``payload`` to ``path`` through a staged file (a crash never leaves half a state)."""
     with staged_file(path) as tmp:
         torch.save(payload, tmp)
 
@@ -641,7 +653,7 @@ class Stage2Trainer:
                     "trainable": [n for n, _ in self.params]})
         self.log_path = Path(self.cfg.log_path) if self.cfg.log_path else (sdir / METRICS_FILE if sdir is not None else None)
         resumed = self.start if self.last_saved is not None else None
-        self.logger = _Logger(self.log_path if self.main else None, self.cfg.tensorboard, resumed)
+        self.logger = MetricsLogger(self.log_path if self.main else None, self.cfg.tensorboard, resumed)
         self.done: int = self.start  # optimizer steps done
         self.tokens: int = 0  # completion tokens trained in this call
         self.final_loss: float | None = None
@@ -806,7 +818,7 @@ class Stage2Trainer:
         n_norm = int(self.counts[idx].sum())  # the GLOBAL batch's completion tokens (every rank holds the data)
         loss, parts = self._accumulate(step, idx, n_norm)
         self._check_loss(step, loss)
-        with _signals_deferred():  # Ctrl-C / SIGTERM wait for the update: the state saved then is consistent
+        with signals_deferred():  # Ctrl-C / SIGTERM wait for the update: the state saved then is consistent
             grad_norm, lr_now = self._update(step)
             self.done, self.tokens, self.final_loss = step + 1, self.tokens + n_norm, loss
         elapsed = time.perf_counter() - self._t0
@@ -901,7 +913,7 @@ class Stage2Trainer:
 
     def _update(self, step: int) -> tuple[float, float]:
         """Clip, step the optimizer and the schedule; the gradient norm and the learning rate used."""
-        _check_finite(self.params, "gradient", step, self.stop_hint())
+        check_finite(self.params, "gradient", step, self.stop_hint())
         plist = [p for _, p in self.params]
         if self.cfg.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(plist, self.cfg.max_grad_norm))
@@ -910,8 +922,8 @@ class Stage2Trainer:
         lr_now = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
-        _check_finite(self.params, "scale", step, self.stop_hint())
-        _check_pinned(self.params, step, self.stop_hint())
+        check_finite(self.params, "scale", step, self.stop_hint())
+        check_pinned(self.params, step, self.stop_hint())
         return grad_norm, lr_now
 
     # -- state, evaluation, report --------------------------------------------------------------
@@ -921,7 +933,7 @@ class Stage2Trainer:
         if self.state_path is None:
             return
         if self.main:  # rank 0 writes; the others only note that the state now exists
-            _save_state(self.state_path, {
+            save_state(self.state_path, {
                 "step": self.done,
                 "params": {n: p.detach().cpu().clone() for n, p in self.params},
                 "optimizer": self.optimizer.state_dict(),
