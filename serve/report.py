@@ -55,6 +55,7 @@ __all__ = [
     "PACKAGES",
     "accuracy_interval",
     "add_inflation",
+    "bootstrap_difference_ci",
     "bootstrap_ratio_ci",
     "compare_models",
     "environment_info",
@@ -274,6 +275,36 @@ def _per_problem_thinking(model: dict[str, Any]) -> dict[Any, float]:
     return {k: sum(v) / len(v) for k, v in by_problem.items()}
 
 
+def _resampled_means(
+    a: Sequence[float], b: Sequence[float], resamples: int, seed: int
+) -> tuple[Any, Any] | None:
+    """Means of ``a`` and of ``b`` over ``resamples`` bootstrap draws of their paired items (None with
+    fewer than two items)."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(x) != len(y):
+        raise ValueError(f"paired values differ in length: {len(x)} vs {len(y)}")
+    if len(x) < 2:
+        return None
+    rng, mx, my = np.random.default_rng(seed), [], []
+    for start in range(0, resamples, 256):  # bounded memory on large datasets
+        draws = rng.integers(0, len(x), size=(min(256, resamples - start), len(x)))
+        mx.append(x[draws].mean(axis=1))
+        my.append(y[draws].mean(axis=1))
+    return np.concatenate(mx), np.concatenate(my)
+
+
+def _percentile_interval(values: Any, level: float) -> tuple[float, float] | None:
+    import numpy as np
+
+    if not len(values):
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_ratio_ci(
     numer: Sequence[float], denom: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
     level: float = 0.95,
@@ -290,24 +321,21 @@ def bootstrap_ratio_ci(
     Returns:
         ``(low, high)``, or None with fewer than two items or when every resample's denominator is 0.
     """
-    import numpy as np
+    means = _resampled_means(numer, denom, resamples, seed)
+    if means is None:
+        return None
+    num, den = means
+    return _percentile_interval(num[den > 0] / den[den > 0], level)
 
-    a, b = np.asarray(numer, dtype=np.float64), np.asarray(denom, dtype=np.float64)
-    if len(a) != len(b):
-        raise ValueError(f"paired values differ in length: {len(a)} vs {len(b)}")
-    if len(a) < 2:
-        return None
-    rng, chunks = np.random.default_rng(seed), []
-    for start in range(0, resamples, 256):  # bounded memory on large datasets
-        draws = rng.integers(0, len(a), size=(min(256, resamples - start), len(a)))
-        num, den = a[draws].mean(axis=1), b[draws].mean(axis=1)
-        chunks.append(num[den > 0] / den[den > 0])
-    ratios = np.concatenate(chunks)
-    if not len(ratios):
-        return None
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(ratios, [tail, 100 - tail])
-    return float(low), float(high)
+
+def bootstrap_difference_ci(
+    a: Sequence[float], b: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``mean(a) - mean(b)`` over paired items (arguments as
+    :func:`bootstrap_ratio_ci`; None with fewer than two items)."""
+    means = _resampled_means(a, b, resamples, seed)
+    return None if means is None else _percentile_interval(means[0] - means[1], level)
 
 
 def add_inflation(models: dict[str, dict[str, Any]], baseline: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from rqat_deploy.cli import cli
 from rqat_deploy.data.grading import candidate_answers
 from rqat_deploy.data.thinking import LoopDetector, analyze_response, answer_seen_then_lost, find_loop
-from rqat_deploy.serve.report import BOOTSTRAP_SEED, add_inflation, bootstrap_ratio_ci
+from rqat_deploy.serve.report import BOOTSTRAP_SEED, add_inflation, bootstrap_difference_ci, bootstrap_ratio_ci
 
 KEYS = ("thinking_tokens_ratio", "thinking_tokens_ratio_ci", "loop_fraction", "unclosed_thinking_fraction",
         "truncated_fraction", "answer_seen_then_lost_fraction")
@@ -81,6 +81,9 @@ def test_bootstrap_ratio_interval() -> None:
     assert bootstrap_ratio_ci(a, b) == (low, high) == bootstrap_ratio_ci(a, b, seed=BOOTSTRAP_SEED)  # seeded
     assert bootstrap_ratio_ci(a, b, seed=1) != (low, high)
     assert bootstrap_ratio_ci([1.0], [1.0]) is None and bootstrap_ratio_ci([1.0, 2.0], [0.0, 0.0]) is None
+    assert bootstrap_difference_ci([3.0, 5.0, 9.0], [1.0, 3.0, 7.0]) == pytest.approx((2.0, 2.0))
+    low, high = bootstrap_difference_ci(a, b)
+    assert low < (sum(a) - sum(b)) / len(a) < high
 
 
 def test_ratio_pairs_problems_and_averages_seeds_first() -> None:
