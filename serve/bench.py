@@ -338,7 +338,7 @@ def score_response(
         loop_ngram=loop_ngram, loop_repeats=loop_repeats,
     )
     thinking = split_thinking(text, starts_in_thinking=starts_in_thinking).thinking
-    lost = answer_seen_then_lost(thinking, gold_answer, grade.correct, grade.grader) if grade else None
+    lost = answer_seen_then_lost(thinking, gold_answer, grade.correct) if grade else None
     if finish_reason is None and truncated is not None:
         trunc = bool(truncated)
     else:

@@ -310,3 +310,28 @@ def test_bench_reports_guard_settings_and_firings(teacher_runtimes: Any, tmp_pat
     assert regraded["models"]["teacher.gguf"]["guards"]["budget_fired"] == fired
     with pytest.raises(ConfigError, match="--responses"):
         BenchConfig(responses="x.jsonl", think_budget=5)
+
+
+# ------------------------------------------------------------------ the API with your own model
+
+
+@pytest.mark.llamacpp
+def test_user_api_with_transformers_and_llama_cpp(teacher_runtimes: Any) -> None:
+    import llama_cpp
+    from transformers import LogitsProcessorList
+
+    ll, tr, prompts, root = teacher_runtimes
+    guards = ThinkingGuards(budget=10)
+    input_ids = tr.tokenizer([prompts[0], prompts[1]], return_tensors="pt", padding=True, padding_side="left")["input_ids"]
+    proc = guards.transformers_processor(tr.tokenizer, input_ids)
+    out = tr.model.generate(input_ids, logits_processor=LogitsProcessorList([proc]), max_new_tokens=40, do_sample=False,
+                            attention_mask=(input_ids != tr.pad_id).long())
+    for row, guard in zip(out[:, input_ids.shape[1]:].tolist(), proc.guards):
+        assert thinking_span_ids(row, *tr.think_ids)[0] == 10 and guard.report()["budget_fired_at"] == 9
+    llm = llama_cpp.Llama(model_path=str(root / "teacher.gguf"), n_ctx=512, n_threads=1, verbose=False)
+    tokens = ll.tokenize(prompts[0])
+    proc = guards.llama_cpp_processor(llm, tokens)
+    res = llm.create_completion(tokens, logits_processor=llama_cpp.LogitsProcessorList([proc]), max_tokens=40,
+                                temperature=0.0)
+    assert "</think>" in res["choices"][0]["text"] and proc.guard.report()["thinking_tokens"] == 10
+    llm.close()

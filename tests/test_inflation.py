@@ -66,11 +66,12 @@ def test_candidate_answers() -> None:
     ("3 + 4 = 7.\n7 * 2 = 14.", "14", True, False),  # ended right: not lost
     ("3 + 4 = 7.\n7 * 2 = 15.", "14", False, False),  # never seen
     ("the 14 apples", "14", False, False),  # a number in passing is not a conclusion
+    ("x = 14.0 m", "14", False, True),  # compared as the fallback grader compares: exact numbers, units dropped
     (None, "14", False, False),  # no thinking span
     ("= 14", None, None, None),  # ungraded
 ])
 def test_answer_seen_then_lost(thinking: str | None, gold: str | None, correct: bool | None, expected: bool | None) -> None:
-    assert answer_seen_then_lost(thinking, gold, correct, "fallback") is expected
+    assert answer_seen_then_lost(thinking, gold, correct) is expected
 
 
 def test_bootstrap_ratio_interval() -> None:

@@ -30,7 +30,9 @@ Definitions (DESIGN.md 7):
   up to and including the one that completed the ``repeats``-th occurrence.
 - **Unclosed thinking**: a thinking span that never closes (``has_thinking and not closed``).
 - **Answer seen, then lost**: the response is graded wrong, yet a *candidate answer* inside its
-  thinking span is equivalent to the gold answer under the response's grader. Candidates
+  thinking span equals the gold answer by the normalizing comparison (the ``fallback`` grader:
+  normalized strings, exact rationals; fast on traces with hundreds of steps, while math-verify
+  costs ~10-40 ms a comparison; the two agree on plain numbers, symbolic equalities are not seen). Candidates
   (:func:`rqat_deploy.data.grading.candidate_answers`) are every complete ``\\boxed{}``, every
   ``answer is X`` / ``Answer: X``, and the right-hand side of every ``=`` up to the end of its
   clause (at most 64 characters): what a step concluded. A response without a thinking span never
@@ -45,7 +47,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from rqat_deploy.data.grading import candidate_answers, is_equiv
+from rqat_deploy.data.grading import candidate_answers, fallback_equiv
 
 __all__ = [
     "DEFAULT_LOOP_NGRAM",
@@ -276,14 +278,13 @@ def find_loop(units: Sequence[Any], ngram: int = DEFAULT_LOOP_NGRAM, repeats: in
     return detector.loop_at
 
 
-def answer_seen_then_lost(thinking: str | None, gold: str | None, correct: bool | None, grader: str) -> bool | None:
+def answer_seen_then_lost(thinking: str | None, gold: str | None, correct: bool | None) -> bool | None:
     """Whether a wrong response reached the gold answer inside its thinking (see the module docstring).
 
     Args:
         thinking: the thinking span's text (None: no span).
         gold: the gold answer (None: ungraded).
-        correct: the response's grade (None: ungraded).
-        grader: the grader that decided ``correct`` (``fallback`` or ``math-verify``).
+        correct: the response's grade, by whichever grader (None: ungraded).
 
     Returns:
         None when ungraded; False when correct or no candidate matches; True otherwise.
@@ -292,7 +293,7 @@ def answer_seen_then_lost(thinking: str | None, gold: str | None, correct: bool 
         return None
     if correct or not thinking:
         return False
-    return any(is_equiv(c, gold, backend=grader) for c in dict.fromkeys(candidate_answers(thinking)))  # type: ignore[arg-type]
+    return any(fallback_equiv(c, gold) for c in dict.fromkeys(candidate_answers(thinking)))
 
 
 @functools.lru_cache(maxsize=64)
