@@ -820,6 +820,7 @@ def _thinking_by_model(report: dict[str, Any], series: dict[str, list[float]]) -
         ratio, ci = m.get("thinking_tokens_ratio"), m.get("thinking_tokens_ratio_ci")
         names.append(label if ratio is None else f"{label}\nx{ratio:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
     ax.set_yticks(range(1, len(labels) + 1), names, fontsize=8)
+    ax.invert_yaxis()  # the first model (the default baseline) on top
     unit = {m.get("thinking_token_unit") for m in models.values()} - {None}
     ax.set_xlabel(f"thinking tokens per response ({', '.join(map(str, unit)) or 'tokens'})")
     base = (report.get("inflation") or {}).get("baseline")
