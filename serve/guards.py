@@ -64,6 +64,7 @@ __all__ = [
     "DEFAULT_CLOSE_TEXT",
     "DEFAULT_HESITATION_WORDS",
     "GuardPlan",
+    "LlamaCppGuardProcessor",
     "RequestGuard",
     "SlotGuards",
     "ThinkingGuards",
@@ -71,7 +72,7 @@ __all__ = [
     "guard_from_params",
     "starts_in_thinking_ids",
     "summarize_guard_reports",
-    "transformers_processor",
+    "transformers_logits_processor",
     "vllm_extra_args",
 ]
 
@@ -194,7 +195,7 @@ class ThinkingGuards:
 
         plan = self.bind(encode, _single_ids(encode))
         rows = [list(map(int, row)) for row in input_ids.tolist()]
-        return transformers_processor([plan.new_request(r) for r in rows], len(rows[0]))
+        return transformers_logits_processor([plan.new_request(r) for r in rows], len(rows[0]))
 
 
 def _single_ids(encode: Callable[[str], Sequence[int]]) -> tuple[int, int] | None:
@@ -416,7 +417,7 @@ class LlamaCppGuardProcessor:
         return self.guard(input_ids[self.n_prompt :], scores)
 
 
-def transformers_processor(guards: Sequence[RequestGuard], n_prompt: int) -> Any:
+def transformers_logits_processor(guards: Sequence[RequestGuard], n_prompt: int) -> Any:
     """A transformers ``LogitsProcessor`` applying ``guards[b]`` to row ``b`` of the batch.
 
     Args:

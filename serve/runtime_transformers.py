@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rqat_deploy.errors import BackendError, ConfigError, ModelLoadError
-from rqat_deploy.serve.guards import transformers_processor
+from rqat_deploy.serve.guards import transformers_logits_processor
 from rqat_deploy.serve.runtimes import Generation, Runtime, SamplingParams, token_ids
 
 __all__ = ["TransformersRuntime"]
@@ -150,7 +150,7 @@ class TransformersRuntime(Runtime):
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         streamer = _TimingStreamer()
         guard = self.request_guard(sampling, prompt_ids)
-        processors = [transformers_processor([guard], len(prompt_ids))] if guard else None
+        processors = [transformers_logits_processor([guard], len(prompt_ids))] if guard else None
         torch.manual_seed(seed)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
