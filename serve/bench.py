@@ -16,7 +16,9 @@ Two modes (DESIGN.md 9):
 With a reference model (``--reference``), each model's next-token distributions are also compared with
 the reference's over the dataset's prompts (mean KL and top-1 agreement; :mod:`rqat_deploy.serve.fidelity`
 defines the positions). Both write ``OUT/report.json``, ``OUT/report.md`` and PNG plots (see
-:mod:`rqat_deploy.serve.report`).
+:mod:`rqat_deploy.serve.report`), with the inflation of thinking against a baseline model (the first,
+or ``--baseline``) and, when generating with thinking guards (``--think-budget``, ``--loop-breaker``,
+``--hesitation-penalty``; :mod:`rqat_deploy.serve.guards`), which guards ran and how often each fired.
 A run is one :class:`BenchConfig` (checked when built), given to :func:`run_bench`.
 """
 
@@ -31,12 +33,22 @@ from typing import Any, Mapping, Sequence
 
 from rqat_deploy.data.evalset import EvalExample, load_eval_set
 from rqat_deploy.data.grading import GRADERS, grade_response, resolve_grader
-from rqat_deploy.data.thinking import DEFAULT_RESTART_PATTERNS, analyze_response, is_truncated
+from rqat_deploy.data.thinking import (
+    DEFAULT_LOOP_NGRAM,
+    DEFAULT_LOOP_REPEATS,
+    DEFAULT_RESTART_PATTERNS,
+    analyze_response,
+    answer_seen_then_lost,
+    is_truncated,
+    split_thinking,
+)
 from rqat_deploy.errors import ConfigError, DataError
 from rqat_deploy.serve.fidelity import compare_to_reference
 from rqat_deploy.files import check_no_overlap, check_output, staged_dir
 from rqat_deploy.models import check_device
+from rqat_deploy.serve.guards import DEFAULT_HESITATION_WORDS, ThinkingGuards
 from rqat_deploy.serve.report import (
+    add_inflation,
     compare_models,
     environment_info,
     model_info,
@@ -45,7 +57,15 @@ from rqat_deploy.serve.report import (
     summarize_model,
     write_report,
 )
-from rqat_deploy.serve.runtimes import RUNTIMES, DEFAULT_INSTRUCTION, Generation, Runtime, SamplingParams, load_runtime
+from rqat_deploy.serve.runtimes import (
+    DEFAULT_INSTRUCTION,
+    RUNTIMES,
+    Generation,
+    Runtime,
+    SamplingParams,
+    detect_runtime,
+    load_runtime,
+)
 
 __all__ = ["DEFAULT_SPEED_TEXT", "BenchConfig", "model_labels", "run_bench", "score_response"]
 
@@ -95,6 +115,13 @@ class BenchConfig:
             ``math-verify`` (``--grader``).
         restart_patterns: self-verification phrases (default
             :data:`~rqat_deploy.data.thinking.DEFAULT_RESTART_PATTERNS`).
+        think_budget: thinking-token budget per response, a guard (``--think-budget``).
+        loop_breaker: close looping thinking, a guard (``--loop-breaker``).
+        loop_ngram: run length of a loop, for ``loop_fraction`` and the loop breaker (``--loop-ngram``).
+        loop_repeats: occurrences of a run that make a loop (``--loop-repeats``).
+        hesitation_penalty: logit penalty on hesitation tokens inside thinking, a guard; 0 disables
+            (``--hesitation-penalty``).
+        hesitation_words: the penalized words (``--hesitation-words``).
         tokenizer: grade-only: a tokenizer (directory or Hub id) to count thinking tokens with.
         speed: make the speed run in generate mode (``--no-speed`` clears it).
         speed_prompt_tokens: prompt length of the speed run.
@@ -136,6 +163,12 @@ class BenchConfig:
     split: str | None = None
     grader: str = "auto"
     restart_patterns: Sequence[str] = DEFAULT_RESTART_PATTERNS
+    think_budget: int | None = None
+    loop_breaker: bool = False
+    loop_ngram: int = DEFAULT_LOOP_NGRAM
+    loop_repeats: int = DEFAULT_LOOP_REPEATS
+    hesitation_penalty: float = 0.0
+    hesitation_words: Sequence[str] = DEFAULT_HESITATION_WORDS
     tokenizer: str | None = None
     speed: bool = True
     speed_prompt_tokens: int = 512
@@ -156,6 +189,7 @@ class BenchConfig:
         if self.responses is not None:
             fix(self, "responses", (self.responses,) if isinstance(self.responses, str) else tuple(self.responses))
         fix(self, "restart_patterns", tuple(self.restart_patterns))
+        fix(self, "hesitation_words", tuple(self.hesitation_words))
         fix(self, "runtime_options", dict(self.runtime_options))
         fix(self, "out_dir", Path(self.out_dir))
         if self.responses is not None and self.models:
@@ -188,6 +222,9 @@ class BenchConfig:
         for ok, flag, problem in checks:
             if not ok:
                 raise ConfigError(f"{flag} {problem}")
+        if self.guards and self.grade_only:  # building the guards checks their flags
+            raise ConfigError("--think-budget, --loop-breaker and --hesitation-penalty act while generating; "
+                              "they cannot apply to --responses (give --model)")
         try:
             resolve_grader(self.grader)
         except ConfigError as exc:
@@ -198,11 +235,25 @@ class BenchConfig:
         """Grading saved responses rather than running models."""
         return self.responses is not None
 
+    @property
+    def guards(self) -> ThinkingGuards | None:
+        """The thinking guards that run (None when none does).
+
+        Raises:
+            ConfigError: a guard flag out of range, naming it.
+        """
+        guards = ThinkingGuards(
+            budget=self.think_budget, loop_breaker=self.loop_breaker, loop_ngram=self.loop_ngram,
+            loop_repeats=self.loop_repeats, hesitation_penalty=self.hesitation_penalty,
+            hesitation_words=tuple(self.hesitation_words),
+        )
+        return guards if guards.active else None
+
     def sampling(self, seed: int) -> SamplingParams:
         """The sampling settings of one seed."""
         return SamplingParams(
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, max_tokens=self.max_tokens,
-            greedy=self.greedy, seed=seed,
+            greedy=self.greedy, seed=seed, guards=self.guards,
         )
 
     def report_config(self) -> dict[str, Any]:
@@ -211,9 +262,11 @@ class BenchConfig:
             "runtime", "max_tokens", "seeds", "greedy", "temperature", "top_k", "top_p", "enable_thinking",
             "instruction", "grader", "restart_patterns", "speed", "speed_prompt_tokens", "speed_tokens",
             "speed_repeats", "concurrency", "n_threads", "device", "runtime_options", "hashes", "limit", "reference",
+            "loop_ngram", "loop_repeats",
         )
         out = {k: getattr(self, k) for k in keys}
         out["restart_patterns"] = list(self.restart_patterns)
+        out["guards"] = self.guards.settings() if self.guards else None
         return out
 
 
@@ -245,8 +298,14 @@ def score_response(
     n_completion_tokens: int | None = None,
     max_tokens: int | None = None,
     gold: str | None = None,
+    loop_ngram: int = DEFAULT_LOOP_NGRAM,
+    loop_repeats: int = DEFAULT_LOOP_REPEATS,
+    guards: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Grade one response and measure its thinking: the per-response record of the report.
+
+    The thinking measures are those of :mod:`rqat_deploy.data.thinking`: ``thinking_tokens``,
+    ``loop`` / ``loop_at``, ``unclosed_thinking``, ``answer_seen_then_lost``, ``truncated``.
 
     Args:
         example: the question answered (None when only ``gold`` is known).
@@ -264,6 +323,9 @@ def score_response(
         n_completion_tokens: generated tokens, when known.
         max_tokens: the token limit, when known.
         gold: gold answer overriding the example's.
+        loop_ngram: run length of a loop, in thinking units.
+        loop_repeats: occurrences of a run that make a loop.
+        guards: what the thinking guards did while generating it (kept as they are).
 
     Returns:
         The record (JSON-serializable).
@@ -273,7 +335,10 @@ def score_response(
     stats = analyze_response(
         text, token_ids=token_ids, think_ids=think_ids, tokenizer=tokenizer,
         restart_patterns=restart_patterns, starts_in_thinking=starts_in_thinking,
+        loop_ngram=loop_ngram, loop_repeats=loop_repeats,
     )
+    thinking = split_thinking(text, starts_in_thinking=starts_in_thinking).thinking
+    lost = answer_seen_then_lost(thinking, gold_answer, grade.correct) if grade else None
     if finish_reason is None and truncated is not None:
         trunc = bool(truncated)
     else:
@@ -295,8 +360,13 @@ def score_response(
         "thinking_token_unit": stats.unit,
         "has_thinking": stats.has_thinking,
         "thinking_closed": stats.closed,
+        "unclosed_thinking": stats.unclosed,
+        "loop": stats.loop,
+        "loop_at": stats.loop_at,
+        "answer_seen_then_lost": lost,
         "restarts": stats.restarts,
         "truncated": trunc,
+        "guards": guards,
         "finish_reason": finish_reason,
         "n_completion_tokens": n_completion_tokens,
         "response": text,
@@ -308,6 +378,7 @@ def _generation_record(example: EvalExample, gen: Generation, seed: int, cfg: Be
         example, gen.text, seed=seed, grader=cfg.grader, restart_patterns=cfg.restart_patterns,
         token_ids=gen.token_ids, think_ids=gen.think_ids, starts_in_thinking=gen.starts_in_thinking,
         finish_reason=gen.finish_reason, n_completion_tokens=gen.n_completion_tokens, max_tokens=cfg.max_tokens,
+        loop_ngram=cfg.loop_ngram, loop_repeats=cfg.loop_repeats, guards=gen.guards,
     )
     rec.update(
         {
@@ -350,9 +421,11 @@ def _bench_model(
 ) -> tuple[dict[str, Any], bool]:
     """Speed run, fidelity to ``reference`` (when given) and evaluation of one model; returns
     (summary, interrupted)."""
+    options = dict(cfg.runtime_options)
+    if cfg.guards and (cfg.runtime or detect_runtime(model)) == "vllm":
+        options.setdefault("enable_guards", True)  # vLLM registers logits processors when it loads
     runtime = load_runtime(
-        model, cfg.runtime, enable_thinking=cfg.enable_thinking, n_threads=cfg.n_threads, device=cfg.device,
-        **cfg.runtime_options,
+        model, cfg.runtime, enable_thinking=cfg.enable_thinking, n_threads=cfg.n_threads, device=cfg.device, **options,
     )
     records: list[dict[str, Any]] = []
     speed_result = None
@@ -362,6 +435,8 @@ def _bench_model(
     try:
         info.update(model_info(model, hashes=cfg.hashes))
         info.update(runtime.describe())
+        if cfg.guards:  # resolved for this model's tokenizer before any work; refused when it cannot run
+            info["guards"] = runtime.guard_plan(cfg.guards).describe()
         if cfg.speed:
             text = examples[0].question if examples else DEFAULT_SPEED_TEXT
             speed_result = runtime.speed(
@@ -447,7 +522,8 @@ def _grade_rows(
             example, row["response"], seed=seed, grader=cfg.grader, restart_patterns=cfg.restart_patterns,
             tokenizer=tokenizer, finish_reason=row.get("finish_reason"), truncated=row.get("truncated"),
             n_completion_tokens=row.get("n_completion_tokens"), max_tokens=cfg.max_tokens,
-            gold=str(gold) if gold is not None else None,
+            gold=str(gold) if gold is not None else None, loop_ngram=cfg.loop_ngram, loop_repeats=cfg.loop_repeats,
+            guards=row.get("guards") if isinstance(row.get("guards"), dict) else None,
         )
         if example is None:
             rec["index"] = index
@@ -561,8 +637,11 @@ def _run(cfg: BenchConfig, examples: list[EvalExample] | None, out: Path) -> dic
             if reference is not None:
                 reference.close()
     report["models"] = summaries
-    if len(summaries) >= 2:
-        report["compare"] = compare_models(summaries, _baseline_label(cfg.baseline, cfg.models, summaries))
+    if summaries:
+        baseline = _baseline_label(cfg.baseline, cfg.models, summaries)
+        report["inflation"] = add_inflation(summaries, baseline)
+        if len(summaries) >= 2:
+            report["compare"] = compare_models(summaries, baseline)
     return report
 
 

@@ -10,6 +10,24 @@ speed repetitions, the model's files and sha256, the environment and package ver
 several models, ratios to a baseline (``compare``), and, with ``--reference``, ``kl_to_reference_mean``
 and ``top1_agreement`` per model (with ``fidelity`` details) and the reference under ``reference``. Every file is written to a temporary name in the
 same directory and renamed, so a report is never half-written.
+
+**Inflation** (DESIGN.md 9; every report, every runtime and grade-only mode), per model and
+gathered under ``inflation`` with the baseline (``--baseline``, default the first model):
+
+- ``thinking_tokens_ratio``: mean thinking tokens over the problems both the model and the
+  baseline answered (each problem's responses averaged over seeds first), divided by the
+  baseline's mean over the same problems; ``thinking_tokens_ratio_ci``: its 95 % percentile
+  bootstrap interval, problems resampled with replacement (:data:`BOOTSTRAP_RESAMPLES` resamples,
+  seed :data:`BOOTSTRAP_SEED`); ``thinking_tokens_ratio_n``: the problems paired; the baseline's
+  own ratio is 1 [1, 1].
+- ``loop_fraction``: responses whose thinking loops; ``unclosed_thinking_fraction``: responses whose
+  thinking never closes; ``truncated_fraction``: responses that hit the token limit (over all
+  responses); ``answer_seen_then_lost_fraction``: graded responses that are wrong although a
+  candidate answer inside their thinking equals the gold answer (``..._of_incorrect``: over the
+  wrong ones). Definitions: :mod:`rqat_deploy.data.thinking`.
+
+With thinking guards, ``guards`` holds each model's settings (resolved for its tokenizer) and how
+often each guard fired (:func:`rqat_deploy.serve.guards.summarize_guard_reports`).
 """
 
 from __future__ import annotations
@@ -27,11 +45,18 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from rqat_deploy.files import atomic_write_bytes, atomic_write_text
+from rqat_deploy.serve.guards import summarize_guard_reports
 
 __all__ = [
+    "BOOTSTRAP_RESAMPLES",
+    "BOOTSTRAP_SEED",
     "COMPARE_FIELDS",
+    "INFLATION_FIELDS",
     "PACKAGES",
     "accuracy_interval",
+    "add_inflation",
+    "bootstrap_difference_ci",
+    "bootstrap_ratio_ci",
     "compare_models",
     "environment_info",
     "file_hashes",
@@ -55,6 +80,15 @@ COMPARE_FIELDS: tuple[str, ...] = (
     "accuracy", "thinking_tokens_mean", "thinking_tokens_correct_mean", "thinking_tokens_incorrect_mean",
     "truncated_fraction", "restarts_mean", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s",
 )
+#: Per-model inflation keys (DESIGN.md 9), gathered under the report's ``inflation``.
+INFLATION_FIELDS: tuple[str, ...] = (
+    "thinking_tokens_mean", "thinking_tokens_ratio", "thinking_tokens_ratio_ci", "loop_fraction",
+    "unclosed_thinking_fraction", "truncated_fraction", "answer_seen_then_lost_fraction",
+    "answer_seen_then_lost_of_incorrect",
+)
+#: Bootstrap resamples of the thinking-token ratio's interval, and their seed.
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
 # Two-sided 95 % Student-t quantiles for 1..30 degrees of freedom.
 _T975 = (
     12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -202,6 +236,10 @@ def summarize_model(
             "thinking_token_unit": _the_one(r.get("thinking_token_unit") for r in records),
             "thinking_closed_fraction": _mean(r.get("thinking_closed") for r in records if r.get("has_thinking")),
             "truncated_fraction": _mean(r.get("truncated") for r in records),
+            "loop_fraction": _mean(r.get("loop") for r in records),
+            "unclosed_thinking_fraction": _mean(r.get("unclosed_thinking") for r in records),
+            "answer_seen_then_lost_fraction": _mean(r.get("answer_seen_then_lost") for r in graded),
+            "answer_seen_then_lost_of_incorrect": _mean(r.get("answer_seen_then_lost") for r in incorrect),
             "restarts_mean": _mean(r.get("restarts") for r in records),
             "restarts_correct_mean": _mean(r.get("restarts") for r in correct),
             "restarts_incorrect_mean": _mean(r.get("restarts") for r in incorrect),
@@ -222,8 +260,111 @@ def summarize_model(
         out[key] = value
     if speed is not None:
         out["speed"] = speed
+    guard_reports = [r.get("guards") for r in records]
+    if out.get("guards") or any(guard_reports):
+        out["guards"] = {"settings": out.get("guards"), **summarize_guard_reports(guard_reports)}
     out["raw"] = [{k: v for k, v in r.items() if k not in ("response", "question")} for r in records]
     return out
+
+
+def _per_problem_thinking(model: dict[str, Any]) -> dict[Any, float]:
+    """A model's mean thinking tokens per problem (over its seeds), from its ``raw`` records."""
+    by_problem: dict[Any, list[float]] = {}
+    for r in model.get("raw", []):
+        if r.get("thinking_tokens") is not None and r.get("index") is not None:
+            by_problem.setdefault(r["index"], []).append(float(r["thinking_tokens"]))
+    return {k: sum(v) / len(v) for k, v in by_problem.items()}
+
+
+def _resampled_means(
+    a: Sequence[float], b: Sequence[float], resamples: int, seed: int
+) -> tuple[Any, Any] | None:
+    """Means of ``a`` and of ``b`` over ``resamples`` bootstrap draws of their paired items (None with
+    fewer than two items)."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(x) != len(y):
+        raise ValueError(f"paired values differ in length: {len(x)} vs {len(y)}")
+    if len(x) < 2:
+        return None
+    rng, mx, my = np.random.default_rng(seed), [], []
+    for start in range(0, resamples, 256):  # bounded memory on large datasets
+        draws = rng.integers(0, len(x), size=(min(256, resamples - start), len(x)))
+        mx.append(x[draws].mean(axis=1))
+        my.append(y[draws].mean(axis=1))
+    return np.concatenate(mx), np.concatenate(my)
+
+
+def _percentile_interval(values: Any, level: float) -> tuple[float, float] | None:
+    import numpy as np
+
+    if not len(values):
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_ratio_ci(
+    numer: Sequence[float], denom: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``mean(numer) / mean(denom)`` over paired items.
+
+    Args:
+        numer: the model's value per item (problem).
+        denom: the baseline's value for the same items.
+        resamples: bootstrap resamples (items drawn with replacement, pairs kept together).
+        seed: the generator's seed.
+        level: coverage.
+
+    Returns:
+        ``(low, high)``, or None with fewer than two items or when every resample's denominator is 0.
+    """
+    means = _resampled_means(numer, denom, resamples, seed)
+    if means is None:
+        return None
+    num, den = means
+    return _percentile_interval(num[den > 0] / den[den > 0], level)
+
+
+def bootstrap_difference_ci(
+    a: Sequence[float], b: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``mean(a) - mean(b)`` over paired items (arguments as
+    :func:`bootstrap_ratio_ci`; None with fewer than two items)."""
+    means = _resampled_means(a, b, resamples, seed)
+    return None if means is None else _percentile_interval(means[0] - means[1], level)
+
+
+def add_inflation(models: dict[str, dict[str, Any]], baseline: str) -> dict[str, Any]:
+    """Add each model's thinking-token ratio to the baseline (with its bootstrap interval) to its
+    summary, and gather the inflation keys (see the module docstring).
+
+    Args:
+        models: per-model summaries by label (updated in place).
+        baseline: the label of the baseline.
+
+    Returns:
+        The report's ``inflation`` section: ``{"baseline", "method", "models": {label: {key: value}}}``.
+    """
+    base = _per_problem_thinking(models[baseline])
+    for label, m in models.items():
+        own = _per_problem_thinking(m)
+        shared = sorted(set(own) & set(base), key=str)
+        numer, denom = [own[k] for k in shared], [base[k] for k in shared]
+        ratio = sum(numer) / sum(denom) if shared and sum(denom) > 0 else None
+        ci = [1.0, 1.0] if label == baseline and ratio is not None else bootstrap_ratio_ci(numer, denom)
+        m.update(thinking_tokens_ratio=ratio, thinking_tokens_ratio_ci=list(ci) if ratio is not None and ci else None,
+                 thinking_tokens_ratio_n=len(shared))
+    return {
+        "baseline": baseline,
+        "method": f"ratio of mean thinking tokens over shared problems; 95% percentile bootstrap over problems "
+                  f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED})",
+        "models": {label: {k: m.get(k) for k in (*INFLATION_FIELDS, "thinking_tokens_ratio_n")} for label, m in models.items()},
+    }
 
 
 def compare_models(models: dict[str, dict[str, Any]], baseline: str) -> dict[str, Any]:
@@ -492,6 +633,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if units:
         lines.append("")
         lines.append(f"Thinking tokens counted as: {', '.join(sorted(map(str, units)))}.")
+    lines += _inflation_lines(report)
+    lines += _guard_lines(report)
     lines += _fidelity_lines(report)
     comp = report.get("compare")
     if comp:
@@ -511,6 +654,55 @@ def render_markdown(report: dict[str, Any]) -> str:
         if versions:
             lines.append("- packages: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: Any) -> str:
+    """A fraction as a percentage cell (``–`` when missing)."""
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _inflation_lines(report: dict[str, Any]) -> list[str]:
+    """The inflation section of ``report.md`` (thinking-length ratio and failure fractions)."""
+    inf = report.get("inflation")
+    if not inf:
+        return []
+    lines = [
+        "", f"## Thinking inflation vs `{inf['baseline']}`", "",
+        f"Ratio: {inf['method']}. Loop: a run of {report.get('config', {}).get('loop_ngram')} thinking tokens seen "
+        f"{report.get('config', {}).get('loop_repeats')} times. Seen-then-lost: wrong, yet the gold answer appears in "
+        "the thinking (over graded responses).", "",
+        "| model | think tok | ratio | 95% CI | loop | unclosed | truncated | seen-then-lost |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, m in inf["models"].items():
+        ci = m.get("thinking_tokens_ratio_ci")
+        lines.append(
+            f"| `{label}` | {_fmt(m.get('thinking_tokens_mean'), 1)} | {_fmt(m.get('thinking_tokens_ratio'), 3)} | "
+            f"{f'{_fmt(ci[0], 3)}–{_fmt(ci[1], 3)}' if ci else '–'} | {_pct(m.get('loop_fraction'))} | "
+            f"{_pct(m.get('unclosed_thinking_fraction'))} | {_pct(m.get('truncated_fraction'))} | "
+            f"{_pct(m.get('answer_seen_then_lost_fraction'))} |"
+        )
+    return lines
+
+
+def _guard_lines(report: dict[str, Any]) -> list[str]:
+    """The thinking-guards section of ``report.md`` (empty when no guard ran)."""
+    rows = {label: m["guards"] for label, m in report.get("models", {}).items() if m.get("guards")}
+    if not rows:
+        return []
+    lines = [
+        "", "## Thinking guards", "",
+        "| model | settings | budget fired | loop breaker fired | hesitation fired (steps) | forced tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, g in rows.items():
+        settings = g.get("settings") or {}
+        shown = ", ".join(f"{k}={settings[k]}" for k in ("budget", "loop_breaker", "hesitation_penalty") if k in settings)
+        lines.append(
+            f"| `{label}` | {shown or '–'} | {g['budget_fired']} ({_pct(g['budget_fired_fraction'])}) | "
+            f"{g['loop_fired']} ({_pct(g['loop_fired_fraction'])}) | {_fmt(g['hesitation_fired'])} | {_fmt(g['forced_tokens'])} |"
+        )
+    return lines
 
 
 def _fidelity_lines(report: dict[str, Any]) -> list[str]:
@@ -550,6 +742,8 @@ def write_plots(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> list
 
     - ``thinking_tokens.png``: the distribution of thinking tokens per response, one histogram per
       model (step outlines on shared bins), means marked.
+    - ``thinking_tokens_by_model.png``: one box per model (quartiles, whiskers at 1.5 IQR, every
+      response a dot, the mean a diamond), labelled with the ratio to the baseline and its interval.
     - ``accuracy_vs_bits.png``: accuracy (with its 95 % interval) against bits per weight, for the
       models whose bits are known.
 
@@ -587,6 +781,7 @@ def write_plots(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> list
         ax.set_title("Thinking length")
         ax.legend(fontsize=8)
         written.append(atomic_write_bytes(out / "thinking_tokens.png", _figure_png(fig)))
+        written.append(atomic_write_bytes(out / "thinking_tokens_by_model.png", _figure_png(_thinking_by_model(report, series))))
     points = []
     for label, m in models.items():
         bits = m.get("bits_per_weight") if m.get("bits_per_weight") is not None else m.get("bits")
@@ -649,6 +844,42 @@ def write_training_curves(runs: dict[str, dict[str, list[float]]], path: str | o
     fig.axes[0].legend(fontsize=7)
     fig.suptitle("GRPO training")
     return atomic_write_bytes(Path(path), _figure_png(fig))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """The leading numbers of a version string (``"3.11.2"`` -> ``(3, 11, 2)``)."""
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
+
+
+def _thinking_by_model(report: dict[str, Any], series: dict[str, list[float]]) -> Any:
+    """The figure of ``thinking_tokens_by_model.png`` (see :func:`write_plots`)."""
+    from matplotlib.figure import Figure
+
+    models = report.get("models", {})
+    labels = list(series)
+    fig = Figure(figsize=(7, 1.2 + 0.6 * len(labels)))
+    ax = fig.add_subplot(1, 1, 1)
+    import matplotlib
+
+    horizontal = {"orientation": "horizontal"} if _version(matplotlib.__version__) >= (3, 10) else {"vert": False}
+    ax.boxplot([series[k] for k in labels], showfliers=False, widths=0.5, **horizontal)
+    for i, label in enumerate(labels, 1):
+        vals = series[label]
+        jitter = [i + 0.18 * ((j * 0.618) % 1 - 0.5) for j in range(len(vals))]
+        ax.scatter(vals, jitter, s=6, alpha=0.35, color=f"C{(i - 1) % 10}")
+        ax.scatter([sum(vals) / len(vals)], [i], marker="D", color="black", zorder=3)
+    names = []
+    for label in labels:
+        m = models.get(label, {})
+        ratio, ci = m.get("thinking_tokens_ratio"), m.get("thinking_tokens_ratio_ci")
+        names.append(label if ratio is None else f"{label}\nx{ratio:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+    ax.set_yticks(range(1, len(labels) + 1), names, fontsize=8)
+    ax.invert_yaxis()  # the first model (the default baseline) on top
+    unit = {m.get("thinking_token_unit") for m in models.values()} - {None}
+    ax.set_xlabel(f"thinking tokens per response ({', '.join(map(str, unit)) or 'tokens'})")
+    base = (report.get("inflation") or {}).get("baseline")
+    ax.set_title("Thinking length per model" + (f" (ratio to {base})" if base else ""))
+    return fig
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str], *, plots: bool = True) -> dict[str, Any]:

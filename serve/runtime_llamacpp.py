@@ -1,7 +1,9 @@
 """The llama.cpp runtime: GGUF files through llama-cpp-python (DESIGN.md 7 for its API facts).
 
 Sampling, stopping, counting and timing follow :mod:`rqat_deploy.serve.runtimes`; prefill and decode
-speeds come from llama.cpp's own timers (``llama_perf_context``).
+speeds come from llama.cpp's own timers (``llama_perf_context``). Thinking guards run as a
+llama-cpp-python ``logits_processor`` (a custom sampler placed first in llama.cpp's sampler chain,
+so it edits the raw logits).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Sequence
 
 from rqat_deploy.errors import ConfigError, ModelLoadError
 from rqat_deploy.ggml_types import Q2_0_FTYPE
+from rqat_deploy.serve.guards import LlamaCppGuardProcessor
 from rqat_deploy.serve.runtimes import Generation, Runtime, SamplingParams, import_backend, token_rate
 
 __all__ = ["LlamaCppRuntime", "llamacpp_quantize"]
@@ -184,13 +187,15 @@ class LlamaCppRuntime(Runtime):
         ctx = llm._ctx.ctx
         self._lib.llama_perf_context_reset(ctx)
         temp = 0.0 if sampling.greedy else sampling.temperature
+        guard = self.request_guard(sampling, prompt_ids)
+        processors = self._lib.LogitsProcessorList([LlamaCppGuardProcessor(guard, len(prompt_ids))]) if guard else None
         ids: list[int] = []
         finish = "length"
         t0 = time.perf_counter()
         ttft = None
         for token in llm.generate(
             prompt_ids, top_k=sampling.top_k, top_p=sampling.top_p, min_p=0.0, typical_p=1.0, temp=temp,
-            repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, reset=True,
+            repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, reset=True, logits_processor=processors,
         ):
             if ttft is None:
                 ttft = time.perf_counter() - t0
@@ -213,6 +218,7 @@ class LlamaCppRuntime(Runtime):
             total_s=total,
             prefill_tokens_per_s=token_rate(perf.n_p_eval, perf.t_p_eval_ms / 1000.0),
             decode_tokens_per_s=token_rate(perf.n_eval, perf.t_eval_ms / 1000.0),
+            guards=guard.report() if guard else None,
         )
 
     def logits(self, prompt_ids: Sequence[int]) -> Any:

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from rqat_deploy.errors import BackendError, ConfigError, ModelLoadError
+from rqat_deploy.serve.guards import RequestGuard
 from rqat_deploy.serve.runtimes import (
     GENAI_CONFIG,
     ONNX_FILE,
@@ -257,6 +258,7 @@ class OnnxCausalLM:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
+        guard: RequestGuard | None = None,
     ) -> OnnxGeneration:
         """Generate with the KV cache: greedy when ``temperature`` is 0, else sampled.
 
@@ -266,6 +268,8 @@ class OnnxCausalLM:
             stop_ids: end-of-generation ids (left out of the result); empty = never stop early.
             temperature, top_k, top_p: sampling settings (top_k 0 / top_p 1 disable them).
             seed: sampling seed.
+            guard: thinking guards (:mod:`rqat_deploy.serve.guards`) applied to each step's logits
+                before sampling.
 
         Returns:
             The :class:`OnnxGeneration`.
@@ -276,28 +280,33 @@ class OnnxCausalLM:
             raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) fills the model's context ({self.context_length}); shorten it")
         max_new_tokens = min(max_new_tokens, self.context_length - len(prompt_ids))
         if self.engine == "genai":
-            return self._generate_genai(list(prompt_ids), max_new_tokens, set(stop_ids), temperature, top_k, top_p, seed)
+            return self._generate_genai(list(prompt_ids), max_new_tokens, set(stop_ids), temperature, top_k, top_p, seed, guard)
         rng = np.random.default_rng(seed) if temperature > 0 else None
         t0 = time.perf_counter()
-        tokens = self._session_tokens(list(prompt_ids), rng, temperature, top_k, top_p)
+        tokens = self._session_tokens(list(prompt_ids), rng, temperature, top_k, top_p, guard)
         out, finish, ttft = _take_until_stop(tokens, {int(s) for s in stop_ids}, max_new_tokens, t0)
         return self._result(out, len(prompt_ids), finish, ttft, time.perf_counter() - t0)
 
     def _session_tokens(
-        self, prompt: list[int], rng: np.random.Generator | None, temperature: float, top_k: int, top_p: float
+        self, prompt: list[int], rng: np.random.Generator | None, temperature: float, top_k: int, top_p: float,
+        guard: RequestGuard | None = None,
     ) -> Iterator[int]:
         """Generated tokens of the plain ``InferenceSession`` loop: the prompt in one pass, then one
         token per pass through the KV cache (a pass runs only when the next token is asked for)."""
         logits, past = self._step(prompt, self._empty_past(), len(prompt))
         total = len(prompt)
+        generated: list[int] = []
         while True:
-            tok = _sample(logits[-1], rng, temperature, top_k, top_p)
+            row = logits[-1] if guard is None else guard(generated, logits[-1].astype(np.float32, copy=True))
+            tok = _sample(row, rng, temperature, top_k, top_p)
+            generated.append(tok)
             yield tok
             total += 1
             logits, past = self._step([tok], past, total)
 
     def _generate_genai(
-        self, prompt: list[int], max_new: int, stops: set[int], temperature: float, top_k: int, top_p: float, seed: int
+        self, prompt: list[int], max_new: int, stops: set[int], temperature: float, top_k: int, top_p: float, seed: int,
+        guard: RequestGuard | None = None,
     ) -> OnnxGeneration:
         og = self._og
         params = og.GeneratorParams(self._model)
@@ -309,17 +318,24 @@ class OnnxCausalLM:
         t0 = time.perf_counter()
         gen = og.Generator(self._model, params)
         gen.append_tokens(np.asarray(prompt, dtype=np.int32))
-        out, finish, ttft = _take_until_stop(self._genai_tokens(gen), stops, max_new, t0)
+        out, finish, ttft = _take_until_stop(self._genai_tokens(gen, guard), stops, max_new, t0)
         total = time.perf_counter() - t0
         del gen
         return self._result(out, len(prompt), finish, ttft, total)
 
     @staticmethod
-    def _genai_tokens(gen: Any) -> Iterator[int]:
-        """Generated tokens of an ``onnxruntime_genai.Generator``."""
+    def _genai_tokens(gen: Any, guard: RequestGuard | None = None) -> Iterator[int]:
+        """Generated tokens of an ``onnxruntime_genai.Generator``; a guard edits the logits the
+        generator samples from (``get_logits`` / ``set_logits``)."""
+        generated: list[int] = []
         while not gen.is_done():
+            if guard is not None:
+                logits = np.array(gen.get_logits(), dtype=np.float32)
+                guard(generated, logits.reshape(-1, logits.shape[-1])[-1])
+                gen.set_logits(logits)
             gen.generate_next_token()
-            yield int(gen.get_next_tokens()[0])
+            generated.append(int(gen.get_next_tokens()[0]))
+            yield generated[-1]
 
     @staticmethod
     def _result(out: list[int], n_prompt: int, finish: str, ttft: float, total: float) -> OnnxGeneration:
@@ -457,15 +473,18 @@ class OnnxRuntime(Runtime):
             temperature, top_k, top_p = 0.0, 0, 1.0
         else:
             temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
+        guard = self.request_guard(sampling, prompt_ids)
         out = self.model.generate(
             prompt_ids, sampling.max_tokens, stop_ids=() if ignore_eos else self.eos_ids,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, guard=guard,
         )
         ids = list(out.token_ids)
         # Count as transformers does: every token computed after the first, a stop token included.
         n_gen = len(ids) + (1 if out.finish_reason == "stop" else 0)
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        return Generation.timed_from_first_token(text, ids, len(prompt_ids), out.finish_reason, out.ttft_s, out.total_s, n_gen - 1)
+        gen = Generation.timed_from_first_token(text, ids, len(prompt_ids), out.finish_reason, out.ttft_s, out.total_s, n_gen - 1)
+        gen.guards = guard.report() if guard else None
+        return gen
 
     def logits(self, prompt_ids: Sequence[int]) -> Any:
         """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy); see :meth:`Runtime.logits`."""

@@ -1,6 +1,7 @@
 """The transformers runtime: Hugging Face model directories / Hub ids, quantized checkpoints
 (``rqat_quant.json``, loaded dequantized) and compressed-tensors exports, generated with
-``model.generate`` under the rules of :mod:`rqat_deploy.serve.runtimes`.
+``model.generate`` under the rules of :mod:`rqat_deploy.serve.runtimes`; thinking guards run as a
+``LogitsProcessor`` (transformers applies custom processors before its temperature / top-k / top-p).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rqat_deploy.errors import BackendError, ConfigError, ModelLoadError
+from rqat_deploy.serve.guards import transformers_logits_processor
 from rqat_deploy.serve.runtimes import Generation, Runtime, SamplingParams, token_ids
 
 __all__ = ["TransformersRuntime"]
@@ -147,6 +149,8 @@ class TransformersRuntime(Runtime):
             raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) fills the model's context ({limit}); shorten it")
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         streamer = _TimingStreamer()
+        guard = self.request_guard(sampling, prompt_ids)
+        processors = [transformers_logits_processor([guard], len(prompt_ids))] if guard else None
         torch.manual_seed(seed)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -157,6 +161,7 @@ class TransformersRuntime(Runtime):
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=self._generation_config(sampling, max_new, ignore_eos),
                 streamer=streamer,
+                logits_processor=processors,
             )
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -173,7 +178,9 @@ class TransformersRuntime(Runtime):
         ttft = streamer.first_token_at - t0 if streamer.first_token_at is not None else None
         n_gen = len(out[0]) - len(prompt_ids)
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        return Generation.timed_from_first_token(text, ids, len(prompt_ids), finish, ttft, total, n_gen - 1)
+        gen = Generation.timed_from_first_token(text, ids, len(prompt_ids), finish, ttft, total, n_gen - 1)
+        gen.guards = guard.report() if guard else None
+        return gen
 
     def logits(self, prompt_ids: Sequence[int]) -> Any:
         """Per-position logits ``[len(prompt_ids), vocab]`` (float32 numpy); see :meth:`Runtime.logits`."""

@@ -17,6 +17,10 @@ Every runtime does the same things the same way, so their numbers can be compare
   :class:`SamplingParams`; the paper's temperature 0.6, top-k 20 by default; ``greedy`` for
   deterministic runs. Each prompt gets its own seed. Known difference: llama.cpp applies top-p
   before the temperature, transformers and vLLM after; it only matters when top-p < 1 (default 1).
+- **Guards** (:mod:`rqat_deploy.serve.guards`, ``SamplingParams.guards``): a thinking budget, a
+  loop breaker and a hesitation-token penalty, one :class:`~rqat_deploy.serve.guards.RequestGuard`
+  per response plugged into the runtime's own logits-processor mechanism; what each did is
+  ``Generation.guards``.
 - **Stopping**: at an end-of-generation token (not counted, not in the text) or at ``max_tokens``
   (``finish_reason = "length"``). The end-of-generation ids of a model directory / ONNX export are
   those of its ``generation_config.json`` and its tokenizer (ONNX: plus ``genai_config.json``'s).
@@ -42,6 +46,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from rqat_deploy.data.chat import ends_in_thinking, render_prompt
 from rqat_deploy.errors import BackendError, ConfigError
+from rqat_deploy.serve.guards import GuardPlan, RequestGuard, ThinkingGuards
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
@@ -89,6 +94,7 @@ class SamplingParams:
         max_tokens: generated-token limit per response.
         greedy: argmax decoding (temperature, top-k, top-p ignored).
         seed: base seed; prompt i of seed s is sampled with :meth:`seed_for`.
+        guards: decode-time thinking guards (None: none run).
     """
 
     temperature: float = 0.6
@@ -97,6 +103,7 @@ class SamplingParams:
     max_tokens: int = 32768
     greedy: bool = False
     seed: int = 0
+    guards: ThinkingGuards | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -130,6 +137,7 @@ class Generation:
         starts_in_thinking: the rendered prompt ended inside an opened ``<think>``.
         think_ids: ids of ``<think>`` and ``</think>`` when they are single tokens.
         seed: the seed it was sampled with.
+        guards: what the thinking guards did (:meth:`RequestGuard.report`; None when none ran).
     """
 
     text: str
@@ -144,6 +152,7 @@ class Generation:
     starts_in_thinking: bool = False
     think_ids: tuple[int, int] | None = None
     seed: int | None = None
+    guards: dict[str, Any] | None = None
 
     @classmethod
     def timed_from_first_token(
@@ -192,6 +201,7 @@ class Runtime(abc.ABC):
         self.special_tokens: dict[str, str | None] = {}
         self.think_ids: tuple[int, int] | None = None
         self.tokenizer: Any = None
+        self._guard_plans: dict[ThinkingGuards, GuardPlan] = {}
 
     # -- prompts -----------------------------------------------------------------------------------
 
@@ -232,6 +242,24 @@ class Runtime(abc.ABC):
         except Exception:
             return None
         return (o[0], c[0]) if len(o) == 1 and len(c) == 1 else None
+
+    # -- guards ------------------------------------------------------------------------------------
+
+    def guard_plan(self, guards: ThinkingGuards) -> GuardPlan:
+        """The guards resolved for this runtime's tokenizer (cached).
+
+        Raises:
+            ConfigError: ``<think>`` / ``</think>`` are not single tokens of the vocabulary.
+        """
+        if guards not in self._guard_plans:
+            self._guard_plans[guards] = guards.bind(self.tokenize, self.think_ids)
+        return self._guard_plans[guards]
+
+    def request_guard(self, sampling: SamplingParams, prompt_ids: Sequence[int]) -> RequestGuard | None:
+        """A fresh guard for one response to ``prompt_ids`` (None when ``sampling`` runs none)."""
+        if sampling.guards is None or not sampling.guards.active:
+            return None
+        return self.guard_plan(sampling.guards).new_request(prompt_ids)
 
     # -- generation --------------------------------------------------------------------------------
 

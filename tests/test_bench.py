@@ -127,7 +127,7 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
     if pytest.importorskip("matplotlib"):
         names = sorted(p.name for p in paths["plots"])
-        assert names == ["accuracy_vs_bits.png", "thinking_tokens.png"]
+        assert names == ["accuracy_vs_bits.png", "thinking_tokens.png", "thinking_tokens_by_model.png"]
         for p in paths["plots"]:
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert render_markdown(report) == md
@@ -447,6 +447,8 @@ def test_bench_end_to_end_gguf_and_checkpoint(tiny_exports: dict[str, Path], tmp
     gg, ck = report["models"]["tiny-f32.gguf"], report["models"]["ckpt"]
     for m in (gg, ck):
         assert set(REQUIRED_FIELDS + SPEED_FIELDS) <= set(m)
+        assert {"thinking_tokens_ratio", "thinking_tokens_ratio_ci", "loop_fraction", "unclosed_thinking_fraction",
+                "answer_seen_then_lost_fraction"} <= set(m)  # inflation (DESIGN.md 9), in both runtimes
         assert m["n"] == 2 and m["truncated_fraction"] is not None
         assert all(m[k] is not None and m[k] > 0 for k in SPEED_FIELDS)
     assert gg["runtime"] == "llama.cpp" and ck["runtime"] == "transformers"

@@ -167,6 +167,9 @@ def test_cli_bench_runtime_onnxruntime(tiny_onnx: dict[str, Path], tmp_path: Pat
     assert (m["runtime"], m["kind"], m["bits"], m["n"]) == ("onnxruntime", "onnx", 4, 2)
     assert all(m[k] is not None and m[k] > 0 for k in SPEED_FIELDS)
     assert m["speed"]["n_tokens"] == 128 and m["speed"]["repeats"] == 3
+    # The inflation keys (DESIGN.md 9); this random model never thinks, so its ratio is 0 / 0: None.
+    assert report["inflation"]["baseline"] == "onnx" and "thinking_tokens_ratio_ci" in m
+    assert all(m[k] is not None for k in ("loop_fraction", "unclosed_thinking_fraction", "answer_seen_then_lost_fraction"))
     # The same questions through the transformers runtime on the checkpoint: identical responses.
     ref = run_bench(BenchConfig(models=[str(tiny_onnx["ckpt"])], dataset=str(DATA), limit=2, max_tokens=8, greedy=True,
                                 out_dir=tmp_path / "ref", speed=False, n_threads=1, progress=False, plots=False,
@@ -179,3 +182,33 @@ def test_cli_bench_runtime_onnxruntime(tiny_onnx: dict[str, Path], tmp_path: Pat
     responses = [json.loads(line) for line in (out / report["responses_files"]["onnx"]).read_text().splitlines()]
     ref_rows = [json.loads(line) for line in (tmp_path / "ref" / "responses" / "ckpt.jsonl").read_text().splitlines()]
     assert [r["response"] for r in responses] == [r["response"] for r in ref_rows]
+
+
+@needs_ort
+def test_thinking_guards_in_onnxruntime_match_transformers(runtimes: Any, tiny_onnx: dict[str, Path]) -> None:
+    # Prompts that end inside <think>: the random model thinks from its first token, and one guard
+    # makes the same decisions in ONNX Runtime's loop, in onnxruntime-genai's generator and in transformers.
+    from rqat_deploy.serve.guards import ThinkingGuards
+    from rqat_deploy.serve.runtime_onnx import OnnxCausalLM
+
+    ox, tr = runtimes
+    prompts = [tr.render_prompt(q) + "<think>\n" for q in QUESTIONS]
+    free = tr.generate(prompts, SamplingParams(greedy=True, max_tokens=12))
+    word = next(w for w in (tr.tokenizer.decode([t]) for g in free for t in g.token_ids[:3]) if len(tr.tokenize(w)) == 1)
+    guards = ThinkingGuards(budget=6, loop_breaker=True, loop_ngram=2, loop_repeats=2, hesitation_penalty=1e4,
+                            hesitation_words=(word,))
+    sampling = SamplingParams(greedy=True, max_tokens=12, guards=guards)
+    g_ox, g_tr = ox.generate(prompts, sampling), tr.generate(prompts, sampling)
+    assert [g.token_ids for g in g_ox] == [g.token_ids for g in g_tr]
+    assert [g.guards for g in g_ox] == [g.guards for g in g_tr]
+    close = tr.think_ids[1]
+    plan = tr.guard_plan(guards)
+    for g in g_ox:
+        assert close in g.token_ids and g.token_ids.index(close) <= 6  # the budget, or the loop breaker first
+        assert not set(g.token_ids[: g.token_ids.index(close)]) & set(plan.hesitation_ids)
+    assert sum(g.guards["hesitation_fired"] for g in g_ox) >= 1
+    genai = OnnxCausalLM(tiny_onnx["onnx"], engine="genai", threads=1)
+    ids = ox.tokenize(prompts[0])
+    out = genai.generate(ids, len(g_ox[0].token_ids), guard=plan.new_request(ids))
+    assert out.token_ids == g_ox[0].token_ids
+    genai.close()

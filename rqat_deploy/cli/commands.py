@@ -21,7 +21,9 @@ from typing import Any, Callable
 import click
 
 from rqat_deploy import __version__
+from rqat_deploy.data.thinking import DEFAULT_LOOP_NGRAM, DEFAULT_LOOP_REPEATS
 from rqat_deploy.errors import RqatError
+from rqat_deploy.serve.guards import DEFAULT_HESITATION_WORDS
 from rqat_deploy.train.recipes import RECIPES
 
 #: set to 1 to see the traceback of any error (same as ``rqat-deploy --debug``)
@@ -310,8 +312,9 @@ def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type:
 @click.option("--dataset", default=None,
               help="SPEC: Hub id or local JSONL/Parquet, e.g. ../shared/data/gsm8k_test.jsonl; 'builtin': the built-in "
                    "held-out problems.")
-@click.option("--responses", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Grade-only: score this JSONL of responses (fields: response, index) without running a model.")
+@click.option("--responses", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Grade-only: score this JSONL of responses (fields: response, index) without running a model "
+                   "(repeatable: one model per file, or per `model` field).")
 @click.option("--limit", default=None, type=int, help="Use the first N problems.")
 @click.option("--max-tokens", default=32768, show_default=True, type=int, help="Generation limit per response.")
 @click.option("--runtime", default=None, type=click.Choice(["llama.cpp", "transformers", "vllm", "onnxruntime"]),
@@ -335,17 +338,31 @@ def export(ckpt_dir: str, fmt: str, out: str, gguf_type: str | None, embed_type:
                    "and top1_agreement = fraction of same argmax, at every teacher-forced next-token position of "
                    "each rendered prompt (same ids fed to both; the vocabularies must match). Needs --dataset; "
                    "not with --runtime vllm.")
+@click.option("--think-budget", default=None, type=int,
+              help="Guard: at most N thinking tokens per response; then </think> is forced and the model answers.")
+@click.option("--loop-breaker", is_flag=True,
+              help="Guard: close the thinking when it loops (a run of --loop-ngram tokens seen --loop-repeats times).")
+@click.option("--loop-ngram", default=DEFAULT_LOOP_NGRAM, show_default=True, type=int,
+              help="Loop definition (loop_fraction and --loop-breaker): run length in thinking tokens.")
+@click.option("--loop-repeats", default=DEFAULT_LOOP_REPEATS, show_default=True, type=int,
+              help="Loop definition: occurrences of one run that make a loop.")
+@click.option("--hesitation-penalty", default=0.0, show_default=True, type=float,
+              help="Guard: subtract P from the logits of hesitation tokens (Wait, Hmm, Alternatively...) inside thinking.")
+@click.option("--hesitation-words", default=",".join(DEFAULT_HESITATION_WORDS), show_default=True,
+              help="Comma-separated words for --hesitation-penalty, each resolved to its single-token forms per "
+                   "tokenizer.")
 @click.option("--no-speed", is_flag=True, help="Skip the latency / throughput measurements.")
 @click.option("--concurrency", default=1, show_default=True, type=int, help="Parallel requests for the throughput test.")
 @click.option("--threads", default=None, type=int, help="CPU threads for llama.cpp / torch.")
 @click.option("--device", default=None, help="Device for transformers (cpu, cuda).")
 @click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False), help="Report directory.")
 @click.option("--force", is_flag=True, help="Replace an existing --out (its old report, plots and responses).")
-def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, limit: int | None, max_tokens: int,
+def bench(models: tuple[str, ...], dataset: str | None, responses: tuple[str, ...], limit: int | None, max_tokens: int,
           runtime: str | None, seeds: int, greedy: bool, temperature: float, top_k: int, top_p: float,
           no_thinking: bool, question_field: str | None, answer_field: str | None, grader: str, compare: bool,
-          baseline: str | None, reference: str | None, no_speed: bool, concurrency: int, threads: int | None,
-          device: str | None, out: str, force: bool) -> None:
+          baseline: str | None, reference: str | None, think_budget: int | None, loop_breaker: bool, loop_ngram: int,
+          loop_repeats: int, hesitation_penalty: float, hesitation_words: str, no_speed: bool,
+          concurrency: int, threads: int | None, device: str | None, out: str, force: bool) -> None:
     """Measure speed, accuracy and thinking-token length; write report.json, report.md and plots.
 
     \b
@@ -355,6 +372,7 @@ def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, l
       rqat-deploy bench --model teacher/ --model ckpt-int2 --compare --dataset math500 --seeds 3
       rqat-deploy bench --model ckpt-int2 --model int2.gguf --reference teacher/ --dataset builtin --no-speed
       rqat-deploy bench --responses answers.jsonl --dataset ../shared/data/math500_test.jsonl --out graded
+      rqat-deploy bench --model int2.gguf --dataset builtin --greedy --think-budget 64 --loop-breaker
     """
     import dataclasses
 
@@ -362,10 +380,12 @@ def bench(models: tuple[str, ...], dataset: str | None, responses: str | None, l
     from rqat_deploy.serve.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(
-        models=models, dataset=dataset, responses=responses, limit=limit, max_tokens=max_tokens,
+        models=models, dataset=dataset, responses=responses or None, limit=limit, max_tokens=max_tokens,
         runtime=runtime, seeds=seeds, out_dir=out, baseline=baseline, reference=reference, compare=compare, greedy=greedy,
         temperature=temperature, top_k=top_k, top_p=top_p, enable_thinking=not no_thinking,
-        question_field=question_field, answer_field=answer_field, grader=grader, speed=not no_speed,
+        question_field=question_field, answer_field=answer_field, grader=grader, think_budget=think_budget,
+        loop_breaker=loop_breaker, loop_ngram=loop_ngram, loop_repeats=loop_repeats,
+        hesitation_penalty=hesitation_penalty, hesitation_words=hesitation_words.split(","), speed=not no_speed,
         concurrency=concurrency, n_threads=threads, device=device, force=force,
     )
     report = run_bench(dataclasses.replace(cfg, dataset=resolve_spec(dataset, "eval")))  # checked before `builtin` is written

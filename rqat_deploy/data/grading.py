@@ -44,6 +44,8 @@ __all__ = [
     "GRADERS",
     "Backend",
     "GradeResult",
+    "MAX_EQUATION_RESULT_CHARS",
+    "candidate_answers",
     "extract_answer",
     "fallback_equiv",
     "grade_response",
@@ -121,19 +123,26 @@ def last_boxed_content(text: str) -> str | None:
     Returns:
         The content, or None when there is no complete box.
     """
-    for match in reversed(list(_BOX_RE.finditer(text))):
+    contents = _boxed_contents(text)
+    return contents[-1] if contents else None
+
+
+def _boxed_contents(text: str) -> list[str]:
+    """Contents of every complete box in ``text``, in order (the rules of :func:`last_boxed_content`)."""
+    out = []
+    for match in _BOX_RE.finditer(text):
         i = match.end()
         while i < len(text) and text[i] in " \t":
             i += 1
         if i < len(text) and text[i] == "{":
             end = _match_brace(text, i)
             if end is not None:
-                return text[i + 1 : end]
+                out.append(text[i + 1 : end])
             continue
         tail = re.match(r"[^\s$]+", text[i:])
         if tail is not None and match.end() < i:  # `\boxed 5`: a space, then the answer
-            return tail.group(0)
-    return None
+            out.append(tail.group(0))
+    return out
 
 
 def _answer_part(response: str) -> str:
@@ -153,15 +162,49 @@ def _extract_from(text: str) -> tuple[str | None, str]:
             return tail, "hash"
     matches = list(_ANSWER_IS_RE.finditer(text))
     if matches:
-        ans = matches[-1].group("ans").strip()
-        ans = re.sub(r"^\$+|\$+$", "", ans.rstrip(" .")).strip()
-        ans = re.sub(r"^\\\(|\\\)$", "", ans).strip()
+        ans = _clean_answer_is(matches[-1].group("ans"))
         if ans:
             return ans, "answer_is"
     numbers = _NUMBER_RE.findall(text)
     if numbers:
         return numbers[-1], "last_number"
     return None, "none"
+
+
+def _clean_answer_is(ans: str) -> str:
+    """The answer of an ``answer is X`` match: surrounding ``$``, ``\\(``/``\\)`` and a final period removed."""
+    ans = re.sub(r"^\$+|\$+$", "", ans.strip().rstrip(" .")).strip()
+    return re.sub(r"^\\\(|\\\)$", "", ans).strip()
+
+
+#: Longest right-hand side of an ``=`` that :func:`candidate_answers` keeps.
+MAX_EQUATION_RESULT_CHARS = 64
+_CLAUSE_END_RE = re.compile(r"[.,;:]\s")
+
+
+def candidate_answers(text: str) -> list[str]:
+    """Every answer a reasoning text states along the way (``answer_seen_then_lost``, DESIGN.md 9).
+
+    In order of kind: the content of every complete ``\\boxed{}`` / ``\\fbox{}``; every
+    ``answer is X`` / ``Answer: X`` (the rest of its line); the right-hand side of every ``=`` (what
+    a computation step concluded), up to the next ``=``, the end of the line or the end of the
+    clause (a ``.``, ``,``, ``;`` or ``:`` followed by a space), stripped of spaces, ``$`` and final
+    punctuation, when it has at most :data:`MAX_EQUATION_RESULT_CHARS` characters.
+
+    Args:
+        text: usually a thinking span.
+
+    Returns:
+        The candidates (duplicates kept).
+    """
+    found = [c.strip() for c in _boxed_contents(text)]
+    found += [_clean_answer_is(m.group("ans")) for m in _ANSWER_IS_RE.finditer(text)]
+    for line in text.splitlines():
+        for rhs in line.split("=")[1:]:
+            rhs = _CLAUSE_END_RE.split(rhs, 1)[0].strip().rstrip(".,;:").strip().strip("$").strip()
+            if 0 < len(rhs) <= MAX_EQUATION_RESULT_CHARS:
+                found.append(rhs)
+    return [c for c in found if c]
 
 
 def extract_answer(response: str) -> tuple[str | None, str]:
