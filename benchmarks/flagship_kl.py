@@ -15,7 +15,7 @@ chat template). Teachers:
 - ``builtin``: the shipped tiny reasoner (3.7 M parameters) on its built-in data;
 - ``random``: a random-weight Qwen3 (3 layers, hidden 512) on the same data.
 
-Budgets: ``preset`` = ``BUILTIN_PRESET`` (256 x 512 calibration tokens, 2,048 stage-2 samples);
+Budgets: ``preset`` = each recipe's built-in defaults (``option_defaults``) (256 x 512 calibration tokens, 2,048 stage-2 samples);
 ``small`` = 32 calibration sequences of 256 tokens and 32 stage-2 samples of <= 256 tokens.
 Methods (``--methods``): RTN; GPTQ; C (the paper's row: stage 1 from RTN, raw block MSE); C+R (the
 paper's recipe: C then stage 2 with rr+topk_kl at one learning rate); rqat (the flagship as shipped).
@@ -105,12 +105,12 @@ def heldout_kl(teacher_dir: Path, student_dir: Path | None, data: Path) -> float
 def run_one(out: Path, teacher: str, budget: str, grid: str, method: str, seed: int, root: Path) -> dict[str, Any]:
     from rqat_deploy.builtin import synth
     from rqat_deploy.quant.spec import QuantSpec
-    from rqat_deploy.train.recipes import BUILTIN_PRESET
+    from rqat_deploy.train.recipes import option_defaults
     from rqat_deploy.train.run import TrainConfig, run_train
 
     name, bits = GRIDS[grid]
     teacher_dir = _teacher(teacher, root)
-    sizes = BUILTIN_PRESET | (SMALL if budget == "small" else {})
+    sizes = option_defaults(METHODS[method]["recipe"], builtin=True) | (SMALL if budget == "small" else {})
     ck = root / "ckpt" / f"{teacher}-{budget}-{grid}-{method.replace(' ', '_')}-s{seed}"
     t0 = time.perf_counter()
     cfg = TrainConfig(

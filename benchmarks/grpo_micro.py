@@ -7,17 +7,18 @@ Usage::
     python benchmarks/grpo_micro.py --out runs/grpo-v2 --model DIR   # the same on another teacher
 
 Arms, at 2 bits (uniform grid, group 128), from the teacher and its built-in data, with the
-defaults of ``rqat-deploy train`` without ``--model`` (:data:`rqat_deploy.train.recipes.BUILTIN_PRESET`):
+defaults of ``rqat-deploy train`` without ``--model`` (:func:`rqat_deploy.train.recipes.option_defaults`):
 
 - ``RTN``: round to nearest (one run, seed-independent);
-- ``KD``: ``--recipe reasoning-qat`` (GPTQ, then full-vocabulary KD of the scales), per seed;
-- ``KD + GRPO``: ``--recipe grpo --init-from`` the seed's KD checkpoint;
+- ``KD``: ``--recipe reasoning-qat-kd`` (GPTQ, then full-vocabulary KD of the latent weights), per seed;
+- ``KD + GRPO``: ``--recipe grpo --init-from`` the seed's KD checkpoint at the KD's rate (1e-4), which
+  is ``--recipe reasoning-qat`` in two steps;
 - ``RTN + GRPO (zero-RL)``: ``--recipe grpo --init-from`` the RTN checkpoint;
 - each GRPO arm again with the length-aware reward (``--length-penalty 0.5``: thinking beyond the
   teacher's greedy length for the same prompt).
 
-GRPO trains what the checkpoint's form says (both start from scale-trained or RTN checkpoints:
-scales only). Every model is graded greedily on ``--per-level`` x 4 held-out problems with PyTorch
+GRPO trains what the checkpoint's form says: the latent weights after KD (which trained them), the
+scales from RTN. Every model is graded greedily on ``--per-level`` x 4 held-out problems with PyTorch
 on the dequantized weights (replicate_micro's evaluation). Each finished run is one line of
 ``OUT/results.jsonl``; rerunning skips them, so an interrupted benchmark resumes. The table gives
 mean accuracy and thinking length over seeds, paired differences with t-intervals, and the wall
@@ -38,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import replicate_micro as micro  # noqa: E402  (the shared evaluation and interval helpers)
 
 LENGTH_PENALTY = 0.5
+#: GRPO's rate after KD: reasoning-qat's on the built-in model (its latent weights train at 1e-4).
+KD_GRPO_LR = 1e-4
 ARMS = ("RTN", "KD", "KD + GRPO", "KD + GRPO + length", "RTN + GRPO (zero-RL)", "RTN + GRPO + length")
 PAIRS = (("KD + GRPO", "KD"), ("KD + GRPO + length", "KD"), ("KD + GRPO + length", "KD + GRPO"),
          ("RTN + GRPO (zero-RL)", "RTN"), ("RTN + GRPO + length", "RTN + GRPO (zero-RL)"))
@@ -45,11 +48,12 @@ PAIRS = (("KD + GRPO", "KD"), ("KD + GRPO + length", "KD"), ("KD + GRPO + length
 
 def _train(out: Path, model: str | None, **kw: Any) -> dict[str, Any]:
     """One ``rqat-deploy train`` run with the built-in defaults; its recorded recipe."""
-    from rqat_deploy.train.recipes import BUILTIN_PRESET
+    from rqat_deploy.train.recipes import option_defaults
     from rqat_deploy.train.run import TrainConfig, run_train
 
-    if not (out / "rqat_quant.json").exists():
-        run_train(TrainConfig(out=str(out), model=model, force=True, **(BUILTIN_PRESET | kw)), progress=False)
+    if not (out / "rqat_quant.json").exists():  # another teacher (--model) runs at the built-in model's defaults too
+        sizes = option_defaults(kw["recipe"], builtin=True)
+        run_train(TrainConfig(out=str(out), model=model, force=True, **(sizes | kw)), progress=False)
     return json.loads((out / "rqat_quant.json").read_text())["recipe"]
 
 
@@ -75,14 +79,15 @@ def run(out: Path, seeds: list[int], per_level: int, model: str | None, grpo_ste
     arm("RTN", 0, rtn, _train(rtn, model, recipe="rtn"))
     for seed in seeds:
         kd = work / f"kd-s{seed}"
-        arm("KD", seed, kd, _train(kd, model, recipe="reasoning-qat", seed=seed))
+        arm("KD", seed, kd, _train(kd, model, recipe="reasoning-qat-kd", seed=seed))
         for base, start in (("KD", kd), ("RTN", rtn)):
             for length, suffix in ((0.0, ""), (LENGTH_PENALTY, "+len")):
                 name = {("KD", 0.0): "KD + GRPO", ("KD", LENGTH_PENALTY): "KD + GRPO + length",
                         ("RTN", 0.0): "RTN + GRPO (zero-RL)", ("RTN", LENGTH_PENALTY): "RTN + GRPO + length"}[(base, length)]
                 path = work / f"{base.lower()}-grpo{suffix}-s{seed}"
+                rate = {"grpo_lr": KD_GRPO_LR} if base == "KD" else {}
                 arm(name, seed, path, _train(path, model, recipe="grpo", init_from=str(start), seed=seed,
-                                             length_penalty=length, **extra))
+                                             length_penalty=length, **rate, **extra))
 
 
 def _rows(out: Path) -> dict[str, list[dict[str, Any]]]:

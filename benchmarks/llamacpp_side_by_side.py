@@ -83,14 +83,12 @@ def llamacpp_quantize(bin_dir: Path, teacher_f16: Path, imatrix: Path, qtype: st
 def train_and_export(grid: str, bits: int, recipe: str, gguf_name: str, out: Path, seed: int) -> Path:
     from rqat_deploy.exporters.gguf import export_gguf
     from rqat_deploy.quant.spec import QuantSpec
-    from rqat_deploy.train.recipes import BUILTIN_PRESET
     from rqat_deploy.train.run import TrainConfig, run_train
 
     path = out / f"ours-{recipe}-{gguf_name}.gguf"
     if not path.exists():
         ck = out / "ckpt" / f"{recipe}-{grid}{bits}"
-        cfg = TrainConfig(out=str(ck), recipe=recipe, quant=QuantSpec(bits=bits, grid=grid), seed=seed, force=True,
-                          **BUILTIN_PRESET)
+        cfg = TrainConfig(out=str(ck), recipe=recipe, quant=QuantSpec(bits=bits, grid=grid), seed=seed, force=True)
         run_train(cfg, progress=False)
         export_gguf(ck, path)
     return path

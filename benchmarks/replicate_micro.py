@@ -18,7 +18,7 @@ baselines:
 - ``C``: stage 1 only (block-wise calibration on the 80/20 mix, from RTN, raw block MSE);
 - ``C+S``: stage 1, then stage 2 with plain cross-entropy;
 - ``C+R``: stage 1, then stage 2 with the paper's loss (the paper's method);
-- ``Reasoning-QAT``: GPTQ on 128 math samples, then KD (full-vocabulary KL) on the latent weights
+- ``Reasoning-QAT``: its KD stage (``--recipe reasoning-qat-kd``): GPTQ on 128 math samples, then KD (full-vocabulary KL) on the latent weights
   through the straight-through estimator, Adam (0.9, 0.95), cosine, 3 % warm-up (the recipe, at the
   built-in preset's sizes);
 - at 2 bits only, stage 1 on the other calibration mixes: ``C, reasoning only`` (100 % traces) and
@@ -138,7 +138,7 @@ def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int, metho
             step("C", bits, seed, lambda: (c, None))
             trained("C+S", "c_s", recipe="C+S", init_from=str(c))
             trained("C+R", "c_r", recipe="C+R", init_from=str(c))
-            trained("Reasoning-QAT", "rqat_kd", recipe="reasoning-qat")
+            trained("Reasoning-QAT", "rqat_kd", recipe="reasoning-qat-kd")
             if bits == 2:
                 for name, spec in mixes.items():
                     trained(name, name[3:7], recipe="C", calib=spec)

@@ -97,3 +97,8 @@ def test_reasoning_qat_as_published() -> None:
     assert small.stage2_config().train_form == "weights"
     assert TrainConfig(out="x", model="m", recipe="reasoning-qat-scales").stage2_config().train_form == "scales"
     assert RECIPE_TABLE["rqat-released"].stage2["train_form"] == "weights"
+    g = cfg.grpo_config()  # then cold-start GRPO with the paper's Table 7 settings
+    assert (g.steps, g.lr, g.global_batch, g.max_new_tokens) == (250, 5e-7, 64, 32768)
+    kd = TrainConfig(out="x", model="m", recipe="reasoning-qat-kd")  # the KD stage alone
+    assert kd.grpo_config() is None and kd.stage2_config() == s2
+    assert small.grpo_config().lr == small.stage2_lr == 1e-4  # built-in: GRPO trains the latent weights at KD's rate

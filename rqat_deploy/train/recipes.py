@@ -13,7 +13,8 @@
 | `awq`           | AWQ, 128 math samples by default   | none                                            |
 | `efficientqat`  | stage 1                            | scales: plain CE (``ce``)                       |
 | `reasoning-qat` | GPTQ on math (NuminaMath-1.5)      | latent weights (STE): ``kl`` on OpenR1-Math, Adam (0.9, 0.95), lr 1e-6, batch 32, 6,000 steps; then cold-start GRPO |
-| `reasoning-qat-scales` | as `reasoning-qat`          | scales only (the earlier form of the recipe)    |
+| `reasoning-qat-kd` | as `reasoning-qat`              | its KD stage alone (no GRPO)                    |
+| `reasoning-qat-scales` | as `reasoning-qat`          | the KD on the scales only, no GRPO (the earlier form) |
 | `grpo`          | ``--init-from`` a quantized checkpoint | none; then cold-start GRPO (:mod:`rqat_deploy.train.grpo`) |
 
 A recipe whose ``grpo`` is not ``None`` ends with the GRPO stage (after its stage 2, if any).
@@ -155,10 +156,13 @@ RECIPE_TABLE: dict[str, Recipe] = {
         "reasoning-qat", "gptq", "kl", stage2=REASONING_QAT_STAGE2, calib_domain="math", train_domain="math",
         defaults=_REASONING_QAT_DEFAULTS, builtin=_REASONING_QAT_BUILTIN, grpo={},
     ),
+    "reasoning-qat-kd": Recipe(
+        "reasoning-qat-kd", "gptq", "kl", stage2=REASONING_QAT_STAGE2, calib_domain="math", train_domain="math",
+        defaults=_REASONING_QAT_DEFAULTS, builtin=_REASONING_QAT_BUILTIN,
+    ),
     "reasoning-qat-scales": Recipe(
         "reasoning-qat-scales", "gptq", "kl", stage2=REASONING_QAT_STAGE2 | {"train_form": "scales"},
-        calib_domain="math", train_domain="math", defaults=_REASONING_QAT_DEFAULTS,
-        builtin=_PTQ_BUILTIN, grpo={},
+        calib_domain="math", train_domain="math", defaults=_REASONING_QAT_DEFAULTS, builtin=_PTQ_BUILTIN,
     ),
     "grpo": Recipe("grpo", "checkpoint", grpo={}),
 }

@@ -583,7 +583,7 @@ def grpo_stage(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: 
     weights through STE; a stage-2 student trains the weights only if ``reports["init_from"]``
     records ``"trains": "weights"``, else its scales. Prompts come from
     :meth:`TrainConfig.prompt_spec`, as many as the run takes (at most ``train_samples``), at most
-    ``train_seq_len`` tokens each; the state lives in ``<work>/grpo`` (``--resume``).
+    ``train_seq_len`` tokens each (the model's context length when unset); the state lives in ``<work>/grpo`` (``--resume``).
 
     Args:
         cfg: the run's configuration (:meth:`TrainConfig.grpo_config` gives the GRPO settings).
@@ -601,7 +601,8 @@ def grpo_stage(cfg: TrainConfig, student: Any, teacher: Any, tok: Any, reports: 
 
     g = cfg.grpo_config()
     n = min(cfg.train_samples, g.steps * g.prompts_per_step)
-    prompts = build_prompts(tok, cfg.prompt_spec(), n, cfg.seed, max_prompt_tokens=cfg.train_seq_len)
+    limit = cfg.train_seq_len or context_length(student)
+    prompts = build_prompts(tok, cfg.prompt_spec(), n, cfg.seed, max_prompt_tokens=limit)
     reports["grpo_prompts"] = prompts.report
     rep = run_grpo(student, tok, prompts, g, teacher=teacher, init_recipe=reports.get("init_from"),
                    state_dir=cfg.work_path / "grpo", resume=cfg.resume, progress=progress)
