@@ -99,6 +99,8 @@ def test_quickstart_smoke_runs_the_whole_pipeline(cache: Path, tmp_path: Path) -
         graded = [json.loads(line)["correct"] for line in responses]
         assert len(graded) == 4 and row["accuracy"] == sum(graded) / 4
         assert summary["runtime"] == "llama.cpp" and row["thinking_tokens"] > 0
+        ratio = row["thinking_tokens"] / rows[0]["thinking_tokens"]  # the inflation column, against the teacher
+        assert row["thinking_tokens_ratio"] == pytest.approx(ratio) and len(row["thinking_tokens_ratio_ci"]) == 2
     table = (tmp_path / "qs" / "quickstart.md").read_text()
     assert table.startswith(format_table(result).splitlines()[0]) and "| rqat int2 | Q2_K (exact) | 2.62 |" in table
     with pytest.raises(Exception, match="already exists"):

@@ -208,6 +208,8 @@ def run_quickstart(cfg: QuickstartConfig, *, progress: bool = True) -> dict[str,
             "accuracy": summary["accuracy"],
             "accuracy_ci95": ci,
             "thinking_tokens": summary["thinking_tokens_mean"],
+            "thinking_tokens_ratio": summary.get("thinking_tokens_ratio"),
+            "thinking_tokens_ratio_ci": summary.get("thinking_tokens_ratio_ci"),
             "decode_tok_s": summary.get("decode_tokens_per_s"),
         })
     result = {
@@ -240,18 +242,22 @@ def format_table(result: dict[str, Any]) -> str:
     """
     lines = [
         f"Held-out problems: {result['n_problems']} (greedy, llama.cpp). Accuracy 95% CI in brackets; bits/weight "
-        "over the decoder's matrices (embeddings and norms excluded).",
+        "over the decoder's matrices (embeddings and norms excluded); thinking x teacher: mean thinking tokens over "
+        "the teacher's, 95% bootstrap CI over problems.",
         "",
-        "| model | GGUF | bits/weight | file MB | accuracy | thinking tokens | decode tok/s |",
-        "|---|---|---:|---:|---|---:|---:|",
+        "| model | GGUF | bits/weight | file MB | accuracy | thinking tokens | thinking x teacher | decode tok/s |",
+        "|---|---|---:|---:|---|---:|---|---:|",
     ]
     for r in result["rows"]:
         lo, hi = r["accuracy_ci95"]
         ci = f" [{lo:.0%}, {hi:.0%}]" if lo is not None and hi is not None else ""
         kind = r["gguf_type"] + (" (exact)" if r["exact"] else "")
+        rci = r.get("thinking_tokens_ratio_ci")
+        ratio = _num(r.get("thinking_tokens_ratio"), ".2f") + (f" [{rci[0]:.2f}, {rci[1]:.2f}]" if rci else "")
         lines.append(
             f"| {r['model']} | {kind} | {_num(r['bits_per_weight'], '.2f')} | {r['file_mb']:.2f} | "
-            f"{_num(r['accuracy'], '.1%')}{ci} | {_num(r['thinking_tokens'], '.1f')} | {_num(r['decode_tok_s'], '.0f')} |"
+            f"{_num(r['accuracy'], '.1%')}{ci} | {_num(r['thinking_tokens'], '.1f')} | {ratio} | "
+            f"{_num(r['decode_tok_s'], '.0f')} |"
         )
     s, o = result["seconds"], result["outputs"]
     lines += [
