@@ -15,7 +15,8 @@ Rows (2 bits; ``--bits 3`` adds the Q3_K rows):
   importance matrix from ``llama-imatrix`` on the built-in calibration data (Q2_0 ignores it);
 - ours, trained with ``rqat-deploy train`` on the built-in data and exported exactly: RTN, GPTQ and
   the flagship ``rqat`` on the q2_0 grid (Q2_0) and on the kquant grid (Q2_K);
-- the teacher itself (F32 GGUF), the reference of the fidelity columns.
+- the teacher itself (F32 GGUF, the reference of the fidelity columns; and F16) and llama.cpp's Q4_0
+  of it, for the decode speed of the common formats.
 
 Columns: bits per weight of the decoder's quantized matrices (file bytes / weights, embeddings and
 norms excluded), file MB, greedy accuracy on ``--per-level`` x 4 held-out problems with a 95 %
@@ -124,8 +125,8 @@ def main() -> None:
     if not imatrix.exists():
         _run([str(args.llama_bin / "llama-imatrix"), "-m", str(f16), "-f", str(calibration_text(out)), "-o",
               str(imatrix), "-c", "512", "-t", str(args.threads)], log)
-    models: dict[str, Path] = {"teacher (F32)": f32}
-    for qtype in LLAMA_TYPES_2BIT + (("Q3_K",) if 3 in args.bits else ()):
+    models: dict[str, Path] = {"teacher (F32)": f32, "teacher (F16)": f16}
+    for qtype in LLAMA_TYPES_2BIT + (("Q3_K",) if 3 in args.bits else ()) + ("Q4_0",):
         label = f"llama.cpp {qtype}" + ("" if qtype == "Q2_0" else " + imatrix")
         models[label] = llamacpp_quantize(args.llama_bin, f16, imatrix, qtype, out, log)
     ours = OURS_2BIT | (OURS_3BIT if 3 in args.bits else {})
