@@ -11,16 +11,17 @@ defaults of ``rqat-deploy train`` without ``--model`` (:func:`rqat_deploy.train.
 
 - ``RTN``: round to nearest (one run, seed-independent);
 - ``KD``: ``--recipe reasoning-qat-kd`` (GPTQ, then full-vocabulary KD of the latent weights), per seed;
-- ``KD + GRPO``: ``--recipe grpo --init-from`` the seed's KD checkpoint (the built-in GRPO rate, 1e-3:
-  a checkpoint's latent weights start at their grid points, and at the KD's 1e-4 sixteen steps moved
-  none of them across a rounding boundary: 0 of 3,145,728 codes changed, measured);
+- ``KD + GRPO``: ``--recipe reasoning-qat`` (the same KD, then GRPO on the latent weights the KD left,
+  in one run). Not ``--recipe grpo --init-from`` the KD checkpoint: a checkpoint holds codes, so its
+  latent weights restart at their grid points, and 16 GRPO steps (at 1e-4 or 1e-3) moved none across a
+  rounding boundary (0 of 3,145,728 codes changed, measured);
 - ``RTN + GRPO (zero-RL)``: ``--recipe grpo --init-from`` the RTN checkpoint;
 - each GRPO arm again with the length-aware reward (``--length-penalty 0.5``: thinking beyond the
   teacher's greedy length for the same prompt).
 
-GRPO trains what the checkpoint's form says: the latent weights after KD (which trained them), the
-scales from RTN. Every model is graded greedily on ``--per-level`` x 4 held-out problems with PyTorch
-on the dequantized weights (replicate_micro's evaluation). Each finished run is one line of
+GRPO trains what the form says: the latent weights after KD (which trained them), the scales from
+RTN. Every model is graded greedily on ``--per-level`` x 4 held-out problems with PyTorch on the
+dequantized weights (replicate_micro's evaluation). Each finished run is one line of
 ``OUT/results.jsonl``; rerunning skips them, so an interrupted benchmark resumes. The table gives
 mean accuracy and thinking length over seeds, paired differences with t-intervals, and the wall
 time per GRPO step; ``OUT/grpo_curves.png`` plots reward, response length and entropy per step.
@@ -79,13 +80,14 @@ def run(out: Path, seeds: list[int], per_level: int, model: str | None, grpo_ste
     for seed in seeds:
         kd = work / f"kd-s{seed}"
         arm("KD", seed, kd, _train(kd, model, recipe="reasoning-qat-kd", seed=seed))
-        for base, start in (("KD", kd), ("RTN", rtn)):
-            for length, suffix in ((0.0, ""), (LENGTH_PENALTY, "+len")):
-                name = {("KD", 0.0): "KD + GRPO", ("KD", LENGTH_PENALTY): "KD + GRPO + length",
-                        ("RTN", 0.0): "RTN + GRPO (zero-RL)", ("RTN", LENGTH_PENALTY): "RTN + GRPO + length"}[(base, length)]
-                path = work / f"{base.lower()}-grpo{suffix}-s{seed}"
-                arm(name, seed, path, _train(path, model, recipe="grpo", init_from=str(start), seed=seed,
-                                             length_penalty=length, **extra))
+        for length, suffix in ((0.0, ""), (LENGTH_PENALTY, "+len")):
+            name = "KD + GRPO" + (" + length" if length else "")
+            path = work / f"kd-grpo{suffix}-s{seed}"  # one run: KD, then GRPO on the KD's latent weights
+            arm(name, seed, path, _train(path, model, recipe="reasoning-qat", seed=seed, length_penalty=length, **extra))
+            name = "RTN + GRPO" + (" + length" if length else " (zero-RL)")
+            path = work / f"rtn-grpo{suffix}-s{seed}"
+            arm(name, seed, path, _train(path, model, recipe="grpo", init_from=str(rtn), seed=seed,
+                                         length_penalty=length, **extra))
 
 
 def _rows(out: Path) -> dict[str, list[dict[str, Any]]]:
