@@ -101,4 +101,4 @@ def test_reasoning_qat_as_published() -> None:
     assert (g.steps, g.lr, g.global_batch, g.max_new_tokens) == (250, 5e-7, 64, 32768)
     kd = TrainConfig(out="x", model="m", recipe="reasoning-qat-kd")  # the KD stage alone
     assert kd.grpo_config() is None and kd.stage2_config() == s2
-    assert (small.stage2_lr, small.grpo_config().lr) == (1e-4, BUILTIN_PRESET["grpo_lr"])
+    assert (small.stage2_lr, small.grpo_config().lr) == (1e-3, BUILTIN_PRESET["grpo_lr"])

@@ -185,7 +185,7 @@ def cli(debug: bool) -> None:
               help="Default: the recipe's, else the paper's (3 at 2-bit <=2B params, else 1); 1 without --model.")
 @click.option("--stage2-lr", default=None, type=float,
               help="Default: the recipe's (reasoning-qat 1e-6), else the paper's (1e-6 3-bit, 5e-6 / 1e-4 2-bit); 1e-3 "
-                   "without --model (1e-4 for reasoning-qat's latent weights).")
+                   "without --model (reasoning-qat's latent weights too).")
 @click.option("--loss", default=None,
               help="Stage-2 loss terms joined by '+': ce (cross-entropy), rr (teacher reward-rectified CE), dft, "
                    "topk_kl (KL over the teacher's top-20, a partial sum, not renormalised: the paper's and the released "
