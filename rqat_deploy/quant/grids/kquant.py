@@ -204,8 +204,8 @@ class _KQuantizer(GridQuantizer):
             p = getattr(self, name, None)
             if p is None:
                 continue
-            denom = float(eff.abs().mean())
-            ratios[name] = min(float(p.abs().mean()) / denom, 1.0) if denom > 0 else 1.0
+            denom = float(eff.detach().abs().mean())
+            ratios[name] = min(float(p.detach().abs().mean()) / denom, 1.0) if denom > 0 else 1.0
         return ratios
 
 
