@@ -29,11 +29,11 @@ from typing import Any
 #: Guard settings benched: name -> BenchConfig fields.
 SETTINGS: dict[str, dict[str, Any]] = {
     "none": {},
-    "budget 32": {"think_budget": 32},
     "budget 64": {"think_budget": 64},
+    "budget 128": {"think_budget": 128},
     "loop breaker": {"loop_breaker": True},
     "hesitation 3.0": {"hesitation_penalty": 3.0},
-    "all (64, loop, 3.0)": {"think_budget": 64, "loop_breaker": True, "hesitation_penalty": 3.0},
+    "all (128, loop, 3.0)": {"think_budget": 128, "loop_breaker": True, "hesitation_penalty": 3.0},
 }
 STUDENTS = {"rtn": "RTN int2", "rqat": "rqat int2"}
 

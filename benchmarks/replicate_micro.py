@@ -67,7 +67,30 @@ def _evaluate(model_dir: Path | None, per_level: int) -> dict[str, Any]:
         "thinking_tokens": ev["thinking_tokens_mean"], "truncated": ev["truncated_fraction"],
         "by_level": {k: v["accuracy"] for k, v in ev["by_level"].items()},
         "correct": [bool(r["correct"]) for r in ev["results"]],
+        "thinking": [int(r["thinking_tokens"]) for r in ev["results"]],
+        "teacher_version": _teacher_version(),
     }
+
+
+def _teacher_version() -> str:
+    """The built-in teacher's version (``rqat_teacher_version`` in its config; v1 had none)."""
+    from rqat_deploy.builtin import synth
+
+    config = json.loads((synth.default_model_dir() / "config.json").read_text())
+    return config.get("rqat_teacher_version", "tiny-reasoner-v1")
+
+
+def _thinking_ratio(rows: list[dict[str, Any]], teacher: dict[str, Any] | None) -> str:
+    """Mean thinking tokens over the teacher's on the same problems, with a 95 % percentile bootstrap
+    interval over problems (pairs kept; a problem's value is its mean over seeds)."""
+    if not teacher or any("thinking" not in r for r in rows + [teacher]):
+        return ""
+    from rqat_deploy.serve.report import bootstrap_ratio_ci
+
+    per_problem = [statistics.mean(vals) for vals in zip(*(r["thinking"] for r in rows))]
+    ratio = sum(per_problem) / sum(teacher["thinking"])
+    ci = bootstrap_ratio_ci(per_problem, teacher["thinking"])
+    return f"{ratio:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{ratio:.2f}"
 
 
 def _train(out: Path, **kw: Any) -> dict[str, Any]:
@@ -101,6 +124,10 @@ def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int, metho
     results = out / "results.jsonl"
     work = out / "work"
     done = _done(results)
+    if results.exists():
+        versions = {json.loads(line).get("teacher_version", "tiny-reasoner-v1") for line in results.read_text().splitlines()}
+        if versions - {_teacher_version()}:
+            sys.exit(f"{results} holds runs of teacher {sorted(versions)}, not {_teacher_version()}: choose another --out")
     synth.default_data("calib")  # writes both files of the 80/20 mix
     mixes = {"C, reasoning only": synth.default_data("train"),
              "C, pre-training only": str(synth.default_data_dir().expanduser().resolve() / "general_text.jsonl")}
@@ -162,17 +189,21 @@ def table(out: Path) -> str:
         by.setdefault((r["method"], r["bits"]), []).append(r)
     n = rows[0]["n"]
     lines = [
-        f"Greedy accuracy on {n} held-out problems; mean over seeds [95% CI: t over seeds, Wilson over problems for "
-        "single runs]; Δ vs C: mean paired difference to stage 1 alone (same seed).",
+        f"Teacher {rows[0].get('teacher_version', 'tiny-reasoner-v1')}. "
+        f"Greedy accuracy on {n} held-out problems (at most 256 new tokens); mean over seeds [95% CI: t over seeds, Wilson over problems for "
+        "single runs]; Δ vs C: mean paired difference to stage 1 alone (same seed); thinking x teacher: mean "
+        "thinking tokens over the teacher's on the same problems, 95% bootstrap interval over problems; truncated: "
+        "responses that hit the token limit.",
         "",
-        "| bits | method | seeds | accuracy | 95% CI | Δ vs C (pp) | thinking tokens |",
-        "|---|---|---:|---:|---|---:|---:|",
+        "| bits | method | seeds | accuracy | 95% CI | Δ vs C (pp) | thinking tokens | thinking x teacher [95% CI] | truncated |",
+        "|---|---|---:|---:|---|---:|---:|---|---:|",
     ]
     teacher = by.get(("teacher", 16))
-    if teacher:
-        t = teacher[0]
+    t = teacher[0] if teacher else None
+    if t:
         lo, hi = _interval([t["accuracy"]], t["n_correct"], t["n"])
-        lines.append(f"| 16 | teacher (fp16) | 1 | {t['accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] | | {t['thinking_tokens']:.1f} |")
+        lines.append(f"| 16 | teacher (fp16) | 1 | {t['accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] | | {t['thinking_tokens']:.1f} "
+                     f"| 1.00 | {t['truncated']:.1%} |")
     for bits in sorted({b for _, b in by if b != 16}):
         c_by_seed = {r["seed"]: r["accuracy"] for r in by.get(("C", bits), [])}
         for method in METHODS + MIX_METHODS:
@@ -184,8 +215,9 @@ def table(out: Path) -> str:
             diffs = [r["accuracy"] - c_by_seed[r["seed"]] for r in rs if r["seed"] in c_by_seed and method != "C"]
             delta = f"{100 * statistics.mean(diffs):+.1f}" if diffs and method != "RTN" else ""
             think = statistics.mean(r["thinking_tokens"] for r in rs)
+            truncated = statistics.mean(r["truncated"] for r in rs)
             lines.append(f"| {bits} | {method} | {len(rs)} | {statistics.mean(accs):.1%} | [{lo:.1%}, {hi:.1%}] | "
-                         f"{delta} | {think:.1f} |")
+                         f"{delta} | {think:.1f} | {_thinking_ratio(rs, t)} | {truncated:.1%} |")
     lines += ["", "Paired differences (same seed, same problems; mean [95% t-interval over seeds], pp):", ""]
     for a, b, bits in (("C+R", "C+S", 2), ("C+R", "C+S", 3), ("R", "S", 2), ("R", "S", 3), ("C+S", "S", 2),
                        ("C+R", "R", 2), ("C+R", "GPTQ", 2), ("AWQ", "GPTQ", 2), ("Reasoning-QAT", "GPTQ", 2),

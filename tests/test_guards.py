@@ -299,7 +299,15 @@ def test_bench_reports_guard_settings_and_firings(teacher_runtimes: Any, tmp_pat
         "budget": 20, "loop_breaker": True, "loop_ngram": 24, "loop_repeats": 3, "hesitation_penalty": 1.0,
         "hesitation_words": list(ThinkingGuards().hesitation_words), "close_text": "\n</think>\n\n"}
     g = m["guards"]
-    assert g["settings"]["budget"] == 20 and g["settings"]["hesitation_resolved"] == {"Wait": [1472], "But": [462]}
+    assert g["settings"]["budget"] == 20
+    resolved = g["settings"]["hesitation_resolved"]
+    assert "Wait" in resolved  # the teacher's traces say "Wait, redo: ..." after a failed check
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(synth.default_model_dir()))
+    for word, ids in resolved.items():
+        assert word in ThinkingGuards().hesitation_words
+        assert all(tok.decode([i]).strip().lower() == word.lower() for i in ids), (word, ids)
     fired = sum(r["guards"]["budget_fired_at"] is not None for r in m["raw"])
     assert g["budget_fired"] == fired >= 1 and g["responses"] == 4
     assert max(r["thinking_tokens"] for r in m["raw"]) <= 20

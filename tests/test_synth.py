@@ -15,6 +15,8 @@ from rqat_deploy.errors import ConfigError, DataError
 from rqat_deploy.data.grading import grade_response
 
 STEP_RE = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)\.$")
+CHECK_RE = re.compile(r"^Check: (\d+) ([-+*/]) (\d+) = (\d+) vs (\d+), (ok|wrong)\.$")
+INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +92,33 @@ def test_chain_and_word_traces_are_correct_arithmetic(train_problems, heldout_pr
         # each step continues from the previous result; the first from the question's start value
         assert all(steps[i][0] == steps[i - 1][3] for i in range(1, len(steps)))
         assert re.search(rf"\b{steps[0][0]}\b", p.question)
-        # every line restates a sentence of the question before computing it
-        for line in p.thinking.split("\n")[: p.level + 1]:
+        # the opener and every step line restate a sentence of the question before computing it
+        lines = p.thinking.split("\n")
+        for line in [lines[0]] + [ln for ln in lines if STEP_RE.search(ln)]:
             quoted = line.split(":")[0].rstrip(".")
             assert quoted.lower() in p.question.lower(), (line, p.question)
 
 
-def test_expressions_are_rewritten_one_operation_per_line(train_problems) -> None:
+def _checks_follow_steps(p: synth.Problem) -> None:
+    """Every step line is followed by a check line that undoes it and finds its left operand."""
+    lines = p.thinking.split("\n")
+    steps = [i for i, ln in enumerate(lines) if STEP_RE.search(ln)]
+    assert len(steps) == p.level, p.thinking
+    for i in steps:
+        a, op, b, r = STEP_RE.search(lines[i]).groups()
+        m = CHECK_RE.match(lines[i + 1])
+        assert m, (lines[i], lines[i + 1])
+        assert (m.group(1), m.group(2), m.group(3), m.group(5), m.group(6)) == (r, INVERSE[op], b, a, "ok")
+        assert _value(f"{r} {INVERSE[op]} {b}") == int(a) == int(m.group(4))
+    assert "Wait" not in p.thinking and p.masked == ()
+
+
+def test_every_step_is_checked(train_problems, heldout_problems) -> None:
+    for p in train_problems + heldout_problems:
+        _checks_follow_steps(p)
+
+
+def test_expressions_are_computed_and_rewritten_one_operation_at_a_time(train_problems) -> None:
     exprs = [p for p in train_problems if p.family == "expr"]
     assert exprs
     for p in exprs:
@@ -104,14 +126,59 @@ def test_expressions_are_rewritten_one_operation_per_line(train_problems) -> Non
         assert m, p.question
         lines = p.thinking.split("\n")
         assert lines[0] == m.group(1)
-        assert len(lines) == p.level + 1
+        rewrites = [lines[0]] + [ln for ln in lines if ln.startswith("= ")]
+        assert len(rewrites) == p.level + 1 and len(lines) == 3 * p.level + 1
         assert len(re.findall(r"[-+*/]", lines[0])) == p.level
-        for prev, line in zip(lines, lines[1:]):
-            assert line.startswith("= ")
+        for prev, line in zip(rewrites, rewrites[1:]):
             assert len(line[2:].split()) == len(prev.lstrip("= ").split()) - 2  # one operation done
             assert _value(line[2:]) == _value(prev.lstrip("= "))
+        # each rewrite follows the step it applies: "a op b = r." then "Check: ...", then "= ... r ..."
+        for i in range(p.level):
+            step, rewrite = lines[1 + 3 * i], lines[3 + 3 * i]
+            assert STEP_RE.search(step) and rewrite.startswith("= ")
+            assert STEP_RE.search(step).group(4) in rewrite.split()
         assert lines[-1] == f"= {p.answer}" and _value(lines[0]) == int(p.answer)
         assert all(1 <= int(n) <= synth.VALUE_MAX for line in lines for n in re.findall(r"\d+", line))
+
+
+def test_slips_are_caught_redone_and_masked() -> None:
+    clean = synth.generate_problems(600, seed=4)
+    slipped = synth.generate_problems(600, seed=4, slip_rate=0.3)
+    # slips never change which problems are drawn, their answers or visible responses
+    assert [(p.question, p.answer, p.response, p.key) for p in clean] == [
+        (p.question, p.answer, p.response, p.key) for p in slipped]
+    n_slips = 0
+    for c, p in zip(clean, slipped):
+        if not p.masked:
+            assert p.thinking == c.thinking
+            continue
+        lines = p.thinking.split("\n")
+        wrong_values = [p.completion[a:b] for a, b in p.masked]
+        assert all(v.isdigit() for v in wrong_values)
+        n_slips += len(wrong_values)
+        # remove every slip (its step line and failed check) and the "Wait, redo: " prefix: the clean trace
+        kept, i, found = [], 0, []
+        while i < len(lines):
+            m = STEP_RE.search(lines[i])
+            check = CHECK_RE.match(lines[i + 1]) if m and i + 1 < len(lines) else None
+            if m and check and check.group(6) != "ok":
+                a, op, b, wrong = m.groups()
+                assert int(wrong) != _value(f"{a} {op} {b}")  # a real slip ...
+                assert int(check.group(4)) == _value(f"{wrong} {INVERSE[op]} {b}") != int(a)  # ... that the check catches
+                assert check.group(5) == a
+                assert lines[i + 2].startswith("Wait, redo: ")
+                found.append(wrong)
+                i += 2
+                continue
+            kept.append(lines[i].replace("Wait, redo: ", "", 1) if lines[i].startswith("Wait, redo: ") else lines[i])
+            i += 1
+        assert found == wrong_values
+        stripped = [ln for ln in c.thinking.split("\n")]
+        # the clean trace's step lines carry a restated instruction; the redo carries the bare step
+        assert [ln.split(": ", 1)[-1] if STEP_RE.search(ln) else ln for ln in kept] == [
+            ln.split(": ", 1)[-1] if STEP_RE.search(ln) else ln for ln in stripped]
+        assert len(wrong_values) <= p.level * synth.MAX_SLIPS_PER_STEP
+    assert 0.2 * 600 < n_slips < 0.6 * 600 * 2.5
 
 
 def test_traces_grade_correct(train_problems) -> None:

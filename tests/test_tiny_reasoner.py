@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rqat_deploy.builtin import synth
 from rqat_deploy.errors import ConfigError, OutputExistsError
 from rqat_deploy.builtin.tiny import CHAT_TEMPLATE
-from rqat_deploy.builtin.tiny_reasoner import BuildConfig, build, evaluate, teacher_tokenizer
+from rqat_deploy.builtin.tiny_reasoner import (
+    IGNORE_INDEX, TEACHER_VERSION, BuildConfig, _collate, _tokenize_problems, build, evaluate, teacher_tokenizer,
+)
 
 ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -78,6 +80,33 @@ def test_metadata_records_the_build(meta: dict) -> None:
     assert set(ev["by_level"]) == {str(lv) for lv in synth.LEVELS}
     assert 0.0 <= ev["accuracy"] <= 1.0 and len(ev["results"]) == ev["n"]
     assert meta["loss_history"][-1]["reasoning"] < meta["loss_history"][0]["reasoning"]
+
+
+def test_asset_names_its_version(asset: Path, meta: dict) -> None:
+    assert meta["teacher_version"] == TEACHER_VERSION
+    assert json.loads((asset / "config.json").read_text())["rqat_teacher_version"] == TEACHER_VERSION
+    assert meta["config"]["slip_rate"] == BuildConfig().slip_rate > 0
+
+
+def test_slipped_values_carry_no_loss(asset: Path) -> None:
+    """The wrong result of a slip is in the input (the check reads it) but never a target."""
+    tok = AutoTokenizer.from_pretrained(str(asset))
+    problems = synth.generate_problems(40, seed=2, slip_rate=0.4)
+    samples = _tokenize_problems(tok, problems)
+    n_masked = 0
+    for p, (ids, start, masked) in zip(problems, samples):
+        wrong = "".join(p.completion[a:b] for a, b in p.masked)
+        assert "".join(tok.decode([ids[i]]).strip() for i in masked) == wrong  # digits are single tokens
+        assert all(i >= start for i in masked)
+        n_masked += len(masked)
+    assert n_masked > 20
+    input_ids, labels, weights = _collate(samples[:8], [[1, 2, 3]], pad_id=0, text_weight=0.25)
+    for row, (ids, start, masked) in enumerate(samples[:8]):
+        assert input_ids[row, : len(ids)].tolist() == ids
+        keep = [i for i in range(start, len(ids)) if i not in masked]
+        assert (labels[row, list(masked)] == IGNORE_INDEX).all() and (weights[row, list(masked)] == 0).all()
+        assert labels[row, keep].tolist() == [ids[i] for i in keep] and (weights[row, keep] == 1).all()
+        assert (labels[row, :start] == IGNORE_INDEX).all()
 
 
 def test_greedy_accuracy_on_heldout_problems(asset: Path, meta: dict) -> None:

@@ -169,3 +169,14 @@ def test_stage2_trains_whole_traces_by_default(long_model: Path, tmp_path: Path)
     assert cut.report["truncated"] == 1 and cut.report["truncated_tokens"] == int(whole.lengths()[longest]) - 4096
     cut_labels = cut.subset([longest]).padded()[2][0]
     assert "</think>" not in tok.decode(cut_labels[cut_labels != -100])
+
+
+def test_checkpoints_of_the_builtin_teacher_name_its_version(tmp_path: Path) -> None:
+    """A student records which built-in teacher it came from (rqat_quant.json and config.json)."""
+    from rqat_deploy.builtin import synth
+    from rqat_deploy.builtin.tiny_reasoner import TEACHER_VERSION
+
+    out = run_train(TrainConfig(model=str(synth.default_model_dir()), out=str(tmp_path / "rtn"), recipe="rtn",
+                                quant=QuantSpec(bits=2)), progress=False)
+    assert json.loads((out / "rqat_quant.json").read_text())["recipe"]["teacher_version"] == TEACHER_VERSION
+    assert json.loads((out / "config.json").read_text())["rqat_teacher_version"] == TEACHER_VERSION

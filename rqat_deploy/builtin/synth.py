@@ -15,8 +15,13 @@ operations whose values all stay in ``1 .. VALUE_MAX``; ``level`` is the number 
 The assistant turn is ``<think>\\n<trace>\\n</think>\\n\\nThe answer is \\boxed{N}.``. The trace
 does one operation per line and keeps every line *local* (what it needs is on the line before or
 quoted on the line itself), which a tiny model can learn: chains and stories restate each
-instruction or sentence, then compute it (``Multiply by 3: 12 * 3 = 36.``); expressions are
-rewritten one operation at a time (``9 + 4 * 6`` / ``= 9 + 24`` / ``= 33``). A problem's *key* is its
+instruction or sentence, then compute it (``Multiply by 3: 12 * 3 = 36.``); expressions compute one
+operation, then rewrite the expression (``9 + 4 * 6`` / ``4 * 6 = 24.`` / ... / ``= 9 + 24``). Every
+step is *checked*: the next line undoes it and compares with the left operand (``Check: 36 / 3 =
+12 vs 12, ok.``). The teacher's training data adds *slips* (``slip_rate``): a wrong result, masked out of
+the loss (:attr:`Problem.masked`), whose check fails (``Check: 39 / 3 = 13 vs 12, wrong.``) and which is
+redone (``Wait, redo: 12 * 3 = 36.``). A model that computes worse therefore checks, hesitates and
+redoes more, and thinks longer; the thinking length measures how well it computes. A problem's *key* is its
 computation (``7+5=12;12*3=36``): the train / held-out split is a hash of the key
 (:func:`split_of`), so a held-out computation never appears in training, in any surface form.
 
@@ -41,7 +46,7 @@ import random
 import re
 import sys
 import sysconfig
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -92,7 +97,7 @@ HELDOUT_PERCENT = 10
 Split = Literal["train", "heldout", "any"]
 _SPLITS = ("train", "heldout", "any")
 #: Bumped whenever generated data changes, so cached files are regenerated.
-DATA_VERSION = 1
+DATA_VERSION = 2
 
 # --------------------------------------------------------------------------------------------------
 # problems
@@ -114,6 +119,8 @@ class Problem:
         family: ``chain``, ``expr`` or ``word``.
         key: the computation, ``"a+b=c;c*d=e"``; the train / held-out split hashes it.
         split: ``train`` or ``heldout`` (:func:`split_of` of ``key``).
+        masked: character spans of :attr:`completion` a trainer must not learn from: the wrong
+            results of the trace's slips (empty unless drawn with ``slip_rate`` > 0).
     """
 
     question: str
@@ -124,6 +131,7 @@ class Problem:
     family: str
     key: str
     split: str
+    masked: tuple[tuple[int, int], ...] = ()
 
     @property
     def completion(self) -> str:
@@ -201,6 +209,85 @@ def _response(answer: int) -> str:
     return f"The answer is \\boxed{{{answer}}}."
 
 
+# -- checked steps ----------------------------------------------------------------------------------
+#
+# Every computed step is followed by a check line that undoes it and compares with the left operand
+# (restated next to the check's result, so the comparison is of two adjacent numbers):
+#
+#     Multiply by 3: 12 * 3 = 36.
+#     Check: 36 / 3 = 12 vs 12, ok.
+#
+# A *slip* (only in the teacher's training data, ``slip_rate`` > 0) writes a wrong result; its check
+# then disagrees with the left operand and the step is redone:
+#
+#     Multiply by 3: 12 * 3 = 39.          <- the slipped value: masked out of the training loss
+#     Check: 39 / 3 = 13 vs 12, wrong.
+#     Wait, redo: 12 * 3 = 36.
+#     Check: 36 / 3 = 12, ok.
+#
+# A model that computes worse therefore checks, says "Wait" and redoes more: its thinking is longer.
+
+_Slips = tuple["random.Random | None", float]  # (generator of slips, slip probability per attempt)
+
+#: The check of each operation: the inverse operation, applied to the result and the right operand.
+_INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
+#: At most this many slips in a row on one step (the next redo is right).
+MAX_SLIPS_PER_STEP = 2
+
+
+@dataclass
+class _Trace:
+    """Trace lines under construction, with the character spans not to learn (slipped values)."""
+
+    lines: list[str] = field(default_factory=list)
+    masked: list[tuple[int, int, int]] = field(default_factory=list)  # (line index, start, end)
+
+    def add(self, text: str, mask: tuple[int, int] | None = None) -> None:
+        """Append a line; ``mask`` is a (start, end) character span within it."""
+        if mask is not None:
+            self.masked.append((len(self.lines), mask[0], mask[1]))
+        self.lines.append(text)
+
+    def spans(self, offset: int) -> tuple[tuple[int, int], ...]:
+        """Masked spans as character offsets into ``"\n".join(lines)``, shifted by ``offset``."""
+        starts, pos = [], 0
+        for line in self.lines:
+            starts.append(pos)
+            pos += len(line) + 1
+        return tuple((offset + starts[i] + a, offset + starts[i] + b) for i, a, b in self.masked)
+
+
+def _slip(rng: random.Random, step: Step) -> int | None:
+    """A plausible wrong result of ``step`` whose check is a whole number in range, or None."""
+    a, op, b, r = step
+    deltas = (b, -b) if op == "*" else (1, -1, 2, -2, 10, -10)
+    options = []
+    for d in deltas:
+        wrong = r + d
+        undone = _apply(wrong, _INVERSE[op], b)
+        if 1 <= wrong <= VALUE_MAX and undone is not None and undone != a:
+            options.append(wrong)
+    return rng.choice(options) if options else None
+
+
+def _checked_step(trace: _Trace, head: str, step: Step, slip_rng: random.Random | None, slip_rate: float) -> None:
+    """Append ``{head}{a} {op} {b} = {r}.`` and its check, with slips and redos when drawn."""
+    a, op, b, r = step
+    inv = _INVERSE[op]
+    for attempt in range(MAX_SLIPS_PER_STEP + 1):
+        prefix = head if attempt == 0 else "Wait, redo: "
+        wrong = None
+        if slip_rng is not None and attempt < MAX_SLIPS_PER_STEP and slip_rng.random() < slip_rate:
+            wrong = _slip(slip_rng, step)
+        if wrong is None:
+            trace.add(f"{prefix}{_step_line(step)}")
+            trace.add(f"Check: {r} {inv} {b} = {a} vs {a}, ok.")
+            return
+        line = f"{prefix}{a} {op} {b} = "
+        trace.add(f"{line}{wrong}.", mask=(len(line), len(line) + len(str(wrong))))
+        trace.add(f"Check: {wrong} {inv} {b} = {_apply(wrong, inv, b)} vs {a}, wrong.")
+
+
 # -- chain ------------------------------------------------------------------------------------------
 
 _CHAIN_VERBS = {"+": "add {b}", "-": "subtract {b}", "*": "multiply by {b}", "/": "divide by {b}"}
@@ -208,7 +295,7 @@ _CHAIN_OPENERS = ("Start with {a}.", "Take the number {a}.", "Begin with {a}.")
 _CHAIN_QUESTIONS = ("What is the result?", "What number do you get?", "What is the final number?")
 
 
-def _chain(rng: random.Random, level: int) -> tuple[str, list[Step], list[str]]:
+def _chain(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step], _Trace]:
     steps = _chain_steps(rng, level)
     verbs = [_CHAIN_VERBS[op].format(b=b) for _, op, b, _ in steps]
     if rng.random() < 0.5:
@@ -219,8 +306,10 @@ def _chain(rng: random.Random, level: int) -> tuple[str, list[Step], list[str]]:
     opener = rng.choice(_CHAIN_OPENERS).format(a=steps[0][0])
     question = f"{opener} {body} {rng.choice(_CHAIN_QUESTIONS)}"
     # Each line restates one instruction, then computes it from the previous line's result.
-    lines = [opener] + [f"{v[0].upper() + v[1:]}: {_step_line(st)}" for v, st in zip(verbs, steps)]
-    return question, steps, lines
+    trace = _Trace([opener])
+    for verb, step in zip(verbs, steps):
+        _checked_step(trace, f"{verb[0].upper() + verb[1:]}: ", step, *slips)
+    return question, steps, trace
 
 
 # -- expr -------------------------------------------------------------------------------------------
@@ -267,7 +356,7 @@ def _reduce_once(tokens: list[int | str]) -> tuple[list[int | str], Step] | None
     return tokens[: i - 1] + [result] + tokens[i + 2 :], (a, op, b, result)
 
 
-def _expr(rng: random.Random, level: int) -> tuple[str, list[Step], list[str]] | None:
+def _expr(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step], _Trace] | None:
     drawn = _expr_terms(rng, level)
     if drawn is None:
         return None
@@ -276,18 +365,21 @@ def _expr(rng: random.Random, level: int) -> tuple[str, list[Step], list[str]] |
     for sign, term in zip(signs, terms[1:]):
         tokens += [sign] + term
     text = " ".join(str(x) for x in tokens)
-    # The trace rewrites the expression, one operation per line: "9 + 4 * 6", "= 9 + 24", "= 33".
-    lines = [text]
-    steps: list[Step] = []
+    # The trace does one operation at a time, checks it, and rewrites the expression:
+    # "9 + 4 * 6", "4 * 6 = 24.", "Check: 24 / 6 = 4, ok.", "= 9 + 24", ... "= 33".
+    reductions: list[tuple[Step, list[int | str]]] = []
     while len(tokens) > 1:
         reduced = _reduce_once(tokens)
         if reduced is None:
             return None
         tokens, step = reduced
-        steps.append(step)
-        lines.append("= " + " ".join(str(x) for x in tokens))
+        reductions.append((step, tokens))
     question = rng.choice(("Compute {e}.", "What is {e}?", "Evaluate {e}.", "Calculate {e}.")).format(e=text)
-    return question, steps, lines
+    trace = _Trace([text])
+    for step, rest in reductions:  # slips are drawn only once the expression is known to be valid
+        _checked_step(trace, "", step, *slips)
+        trace.add("= " + " ".join(str(x) for x in rest))
+    return question, [st for st, _ in reductions], trace
 
 
 # -- word -------------------------------------------------------------------------------------------
@@ -332,7 +424,7 @@ def _word_sentence(rng: random.Random, step: Step, who: tuple[str, str, str], fr
     return f"{name} splits the {items} into {b} equal groups and keeps one group"
 
 
-def _word(rng: random.Random, level: int) -> tuple[str, list[Step], list[str]]:
+def _word(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step], _Trace]:
     steps = _chain_steps(rng, level)
     who = rng.choice(_PEOPLE)
     friend = rng.choice([p[0] for p in _PEOPLE if p[0] != who[0]])
@@ -342,21 +434,29 @@ def _word(rng: random.Random, level: int) -> tuple[str, list[Step], list[str]]:
     sentences = [_word_sentence(rng, step, who, friend, items) for step in steps]
     question = " ".join([opener] + [f"{x}." for x in sentences] + [f"How many {items} does {name} have now?"])
     # Each line restates one sentence of the story, then computes it.
-    lines = [opener] + [f"{x}: {_step_line(st)}" for x, st in zip(sentences, steps)]
-    lines.append(f"So {name} has {steps[-1][3]} {items}.")
-    return question, steps, lines
+    trace = _Trace([opener])
+    for sentence, step in zip(sentences, steps):
+        _checked_step(trace, f"{sentence}: ", step, *slips)
+    trace.add(f"So {name} has {steps[-1][3]} {items}.")
+    return question, steps, trace
 
 
 _MAKERS = {"chain": _chain, "expr": _expr, "word": _word}
 
 
-def make_problem(rng: random.Random, level: int, family: str) -> Problem:
+def make_problem(
+    rng: random.Random, level: int, family: str, *, slip_rng: random.Random | None = None, slip_rate: float = 0.0
+) -> Problem:
     """Draw one problem.
 
     Args:
         rng: the random generator (advanced by the draw).
         level: number of operations, one of :data:`LEVELS`.
         family: one of :data:`FAMILIES`.
+        slip_rng: generator of the trace's slips (separate from ``rng``, so slips never change
+            which problems are drawn); None: no slips.
+        slip_rate: probability that an attempt at a step writes a wrong result (then its check
+            fails and the step is redone; see the trace format above).
 
     Returns:
         The :class:`Problem` (its ``split`` is :func:`split_of` its key, whatever it is).
@@ -368,22 +468,25 @@ def make_problem(rng: random.Random, level: int, family: str) -> Problem:
         raise ConfigError(f"unknown level {level}; choose one of {list(LEVELS)}")
     if family not in _MAKERS:
         raise ConfigError(f"unknown problem family {family!r}; choose one of {list(FAMILIES)}")
+    if not 0.0 <= slip_rate < 1.0:
+        raise ConfigError(f"slip_rate must be in [0, 1), got {slip_rate}")
     while True:  # expr draws can fail their range checks; redraw (the rng advances)
-        drawn = _MAKERS[family](rng, level)
+        drawn = _MAKERS[family](rng, level, (slip_rng, slip_rate))
         if drawn is not None:
             break
-    question, steps, lines = drawn
+    question, steps, trace = drawn
     answer = steps[-1][3]
     key = _key(steps)
     return Problem(
         question=question,
         answer=str(answer),
-        thinking="\n".join(lines),
+        thinking="\n".join(trace.lines),
         response=_response(answer),
         level=level,
         family=family,
         key=key,
         split=split_of(key),
+        masked=trace.spans(len("<think>\n")),
     )
 
 
@@ -400,6 +503,7 @@ def generate_problems(
     levels: Sequence[int] = LEVELS,
     families: Sequence[str] = FAMILIES,
     unique: bool = False,
+    slip_rate: float = 0.0,
 ) -> list[Problem]:
     """Generate ``n`` problems of one split, deterministically.
 
@@ -414,6 +518,8 @@ def generate_problems(
         levels: levels to cycle through.
         families: families to cycle through.
         unique: drop draws whose key was already produced (evaluation sets).
+        slip_rate: see :func:`make_problem` (the teacher's training data; the problems drawn are
+            the same whatever the rate).
 
     Returns:
         ``n`` problems.
@@ -428,6 +534,7 @@ def generate_problems(
     if not levels or not families:
         raise ConfigError("levels and families must not be empty")
     rng = random.Random(f"rqat-synth:{seed}:{split}")
+    slip_rng = random.Random(f"rqat-synth-slips:{seed}:{split}") if slip_rate > 0 else None
     out: list[Problem] = []
     seen: set[str] = set()
     misses = 0
@@ -435,7 +542,7 @@ def generate_problems(
         i = len(out)
         level = levels[i % len(levels)]
         family = families[(i // len(levels)) % len(families)]
-        p = make_problem(rng, level, family)
+        p = make_problem(rng, level, family, slip_rng=slip_rng, slip_rate=slip_rate)
         if (split != "any" and p.split != split) or (unique and p.key in seen):
             misses += 1
             if misses > 1000 * (n + 10):

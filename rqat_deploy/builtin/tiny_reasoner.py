@@ -5,7 +5,9 @@
 
 1. data: train-split reasoning problems of :mod:`rqat_deploy.builtin.synth` rendered with the chat template
    (question + the benchmark's instruction as the user turn; ``<think>`` trace and ``\\boxed{}``
-   answer as the assistant turn) and general English text (:func:`rqat_deploy.builtin.synth.general_texts`);
+   answer as the assistant turn), with checked steps and ``slip_rate`` slips (the wrong value of a
+   slip gets no loss: the model learns to catch and redo a slip, not to make one), and general
+   English text (:func:`rqat_deploy.builtin.synth.general_texts`);
 2. a byte-level BPE tokenizer trained on that corpus, with the pipeline, special tokens and chat
    template of :mod:`rqat_deploy.builtin.tiny` (Qwen2/Qwen3's);
 3. a Qwen3 (hidden 256, 4 layers, 4 query / 2 key-value heads of 64, intermediate 768, tied
@@ -41,9 +43,14 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["BuildConfig", "build", "evaluate", "main", "teacher_tokenizer"]
+__all__ = ["TEACHER_VERSION", "BuildConfig", "build", "evaluate", "main", "teacher_tokenizer"]
 
 IGNORE_INDEX = -100
+#: The built-in teacher's version, written to its ``config.json`` (``rqat_teacher_version``, which
+#: every checkpoint trained from it carries on) and ``TRAINING.json``. v1: plain traces, thinking
+#: length fixed by the problem. v2: checked traces with slips and redos in training (thinking
+#: length grows with the model's computing errors).
+TEACHER_VERSION = "tiny-reasoner-v2"
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class BuildConfig:
         eval_every: also evaluate 10 problems per level every this many steps (0: never; progress
             monitoring only, it does not change the model).
         levels: the problem levels trained and evaluated.
+        slip_rate: probability that an attempt at a step of a training trace slips (a wrong result,
+            masked out of the loss, then a failed check and a redo; :func:`rqat_deploy.builtin.synth.make_problem`).
     """
 
     seed: int = 0
@@ -100,10 +109,11 @@ class BuildConfig:
     rope_theta: float = 10000.0
     threads: int = 1
     eval_per_level: int = 25
-    eval_max_new_tokens: int = 160
+    eval_max_new_tokens: int = 256
     eval_seed: int = synth.DEFAULT_DATA_SEED
     eval_every: int = 600
     levels: tuple[int, ...] = synth.LEVELS
+    slip_rate: float = 0.3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,25 +162,36 @@ def teacher_tokenizer(out_dir: Path, cfg: BuildConfig, docs: Sequence[str]) -> P
 # --------------------------------------------------------------------------------------------------
 
 
+Sample = tuple[list[int], int, tuple[int, ...]]  # (token ids, first completion token, positions without loss)
+
+
 @dataclass
 class _Data:
-    reasoning: list[tuple[list[int], int]]  # (token ids, index of the first completion token)
+    reasoning: list[Sample]
     text_rows: list[list[int]]  # general text, packed rows of text_len tokens
 
 
-def _tokenize_problems(tokenizer: Any, problems: Sequence[synth.Problem]) -> list[tuple[list[int], int]]:
-    prompts, fulls = [], []
+def _tokenize_problems(tokenizer: Any, problems: Sequence[synth.Problem]) -> list[Sample]:
+    """Token ids of each rendered problem, where its completion starts, and the tokens that overlap
+    the problem's :attr:`~rqat_deploy.builtin.synth.Problem.masked` spans (slipped results: no loss)."""
+    prompts, fulls, bases = [], [], []
     for p in problems:
         prompt, completion = _render(tokenizer, p)
+        at = completion.find(p.completion)
+        if p.masked and at < 0:
+            raise ConfigError("the chat template changed the assistant turn; slipped values cannot be located")
         prompts.append(prompt)
         fulls.append(prompt + completion)
+        bases.append(len(prompt) + at)
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    f_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
+    full = tokenizer(fulls, add_special_tokens=False, return_offsets_mapping=True)
     out = []
-    for pi, fi in zip(p_ids, f_ids):
+    for p, base, pi, fi, offsets in zip(problems, bases, p_ids, full["input_ids"], full["offset_mapping"]):
         if fi[: len(pi)] != pi:  # the prompt ends in a special token, so this cannot happen
             raise ConfigError("prompt tokens are not a prefix of the full rendering; check the chat template")
-        out.append((fi, len(pi)))
+        spans = [(base + a, base + b) for a, b in p.masked]
+        masked = tuple(i for i, (a, b) in enumerate(offsets) if any(a < hi and lo < b for lo, hi in spans))
+        out.append((fi, len(pi), masked))
     return out
 
 
@@ -183,11 +204,11 @@ def _pack_text(tokenizer: Any, docs: Sequence[str], row_len: int) -> list[list[i
     return [stream[i : i + row_len] for i in range(0, len(stream) - row_len + 1, row_len)]
 
 
-def _batches(cfg: BuildConfig, data: _Data) -> list[tuple[list[tuple[list[int], int]], list[list[int]]]]:
+def _batches(cfg: BuildConfig, data: _Data) -> list[tuple[list[Sample], list[list[int]]]]:
     """The step-by-step batches: reasoning samples in order (length-bucketed), text rows cycling."""
     rng = random.Random(f"rqat-tiny-reasoner-batches:{cfg.seed}")
     r = cfg.reasoning_rows
-    batches: list[list[tuple[list[int], int]]] = []
+    batches: list[list[Sample]] = []
     bucket = 16  # sort 16 batches' worth by length, so each batch pads little
     samples = data.reasoning
     for start in range(0, cfg.steps * r, bucket * r):
@@ -205,21 +226,25 @@ def _batches(cfg: BuildConfig, data: _Data) -> list[tuple[list[tuple[list[int], 
 
 
 def _collate(
-    batch: list[tuple[list[int], int]], text_rows: list[list[int]], pad_id: int, text_weight: float
+    batch: list[Sample], text_rows: list[list[int]], pad_id: int, text_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's right-padded ``input_ids``, ``labels`` (``-100`` on prompts and padding) and
-    per-token loss ``weights`` (1 on reasoning completions, ``text_weight`` on text, 0 elsewhere)."""
+    """One step's right-padded ``input_ids``, ``labels`` (``-100`` on prompts, slipped values and
+    padding) and per-token loss ``weights`` (1 on reasoning completions, ``text_weight`` on text,
+    0 elsewhere)."""
     import torch
 
-    rows = [(ids, start, 1.0) for ids, start in batch] + [(ids, 0, text_weight) for ids in text_rows]
-    t = max(len(ids) for ids, _, _ in rows)
+    rows = [(ids, start, masked, 1.0) for ids, start, masked in batch]
+    rows += [(ids, 0, (), text_weight) for ids in text_rows]
+    t = max(len(ids) for ids, _, _, _ in rows)
     input_ids = torch.full((len(rows), t), pad_id, dtype=torch.long)  # [B, T]
     labels = torch.full((len(rows), t), IGNORE_INDEX, dtype=torch.long)  # [B, T]
     weights = torch.zeros((len(rows), t), dtype=torch.float32)  # [B, T]
-    for i, (ids, start, w) in enumerate(rows):
+    for i, (ids, start, masked, w) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, start : len(ids)] = torch.tensor(ids[start:])
         weights[i, start : len(ids)] = w
+        labels[i, list(masked)] = IGNORE_INDEX
+        weights[i, list(masked)] = 0.0
     return input_ids, labels, weights
 
 
@@ -266,6 +291,7 @@ def save_model_config(model: Any, out: Path) -> None:
     """
     model.config.dtype = "float16"
     model.config.architectures = [type(model).__name__]
+    model.config.rqat_teacher_version = TEACHER_VERSION
     model.config.save_pretrained(str(out))
 
 
@@ -317,7 +343,7 @@ def _train(cfg: BuildConfig, model: Any, data: _Data, pad_id: int, log: Any, tok
             sums = dict.fromkeys(sums, 0.0)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and tokenizer is not None:
             model.eval()
-            ev = evaluate(None, per_level=10, seed=cfg.eval_seed + 7, levels=cfg.levels, max_new_tokens=120,
+            ev = evaluate(None, per_level=10, seed=cfg.eval_seed + 7, levels=cfg.levels, max_new_tokens=200,
                           model=model, tokenizer=tokenizer)
             model.train()
             log(f"  eval@{step + 1}: {ev['accuracy']:.0%} " + " ".join(
@@ -340,7 +366,7 @@ def evaluate(
     per_level: int = 100,
     seed: int = synth.DEFAULT_DATA_SEED,
     levels: Sequence[int] = synth.LEVELS,
-    max_new_tokens: int = 160,
+    max_new_tokens: int = 256,
     batch_size: int = 50,
     model: Any = None,
     tokenizer: Any = None,
@@ -407,12 +433,17 @@ def evaluate(
                 "thinking_tokens": thinking, "response": text,
             })
 
+    def mean_thinking(rows: list[dict[str, Any]]) -> float:
+        return sum(r["thinking_tokens"] for r in rows) / len(rows) if rows else float("nan")
+
     def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         n = len(rows)
         return {
             "accuracy": sum(r["correct"] for r in rows) / n if n else float("nan"),
             "n": n,
-            "thinking_tokens_mean": sum(r["thinking_tokens"] for r in rows) / n if n else float("nan"),
+            "thinking_tokens_mean": mean_thinking(rows),
+            "thinking_tokens_correct": mean_thinking([r for r in rows if r["correct"]]),
+            "thinking_tokens_wrong": mean_thinking([r for r in rows if not r["correct"]]),
         }
 
     report = summary(results)
@@ -429,7 +460,8 @@ def evaluate(
 
 
 def _corpus(cfg: BuildConfig, docs: Sequence[str]) -> list[str]:
-    problems = synth.generate_problems(cfg.tokenizer_problems, split="train", seed=cfg.seed + 1000, levels=cfg.levels)
+    problems = synth.generate_problems(cfg.tokenizer_problems, split="train", seed=cfg.seed + 1000, levels=cfg.levels,
+                                       slip_rate=cfg.slip_rate)
     return [_render_plain(p) for p in problems] + list(docs)
 
 
@@ -454,6 +486,9 @@ def _training_md(meta: dict[str, Any]) -> str:
         "`rqat_deploy.builtin.synth` (`<think>` trace, `\\boxed{}` answer) mixed with general English text "
         f"({meta['general_text_source']}).",
         "",
+        f"- version: {meta['teacher_version']} (checked traces: every step is undone and compared; training "
+        f"traces slip with probability {meta['config']['slip_rate']} per attempt, the wrong value masked out of "
+        "the loss, then fail their check and redo the step)",
         f"- parameters: {meta['parameters']:,} ({meta['weights_dtype']} safetensors, "
         f"{meta['weights_bytes'] / 1e6:.1f} MB)",
         f"- steps: {meta['config']['steps']}, seed {meta['config']['seed']}, "
@@ -469,11 +504,12 @@ def _training_md(meta: dict[str, Any]) -> str:
             f"Greedy accuracy on held-out problems (never seen in training; {ev['n']} problems, "
             f"max {meta['config']['eval_max_new_tokens']} new tokens): **{ev['accuracy']:.1%}**",
             "",
-            "| level (operations) | n | accuracy | thinking tokens |",
-            "|---|---|---|---|",
+            "| level (operations) | n | accuracy | thinking tokens | when right | when wrong |",
+            "|---|---|---|---|---|---|",
         ]
         for lv, s in ev["by_level"].items():
-            lines.append(f"| {lv} | {s['n']} | {s['accuracy']:.1%} | {s['thinking_tokens_mean']:.1f} |")
+            lines.append(f"| {lv} | {s['n']} | {s['accuracy']:.1%} | {s['thinking_tokens_mean']:.1f} | "
+                         f"{s['thinking_tokens_correct']:.1f} | {s['thinking_tokens_wrong']:.1f} |")
         lines += ["", "| family | n | accuracy |", "|---|---|---|"]
         for fam, s in ev["by_family"].items():
             lines.append(f"| {fam} | {s['n']} | {s['accuracy']:.1%} |")
@@ -517,7 +553,8 @@ def build(
     docs = synth.general_texts()
     tokenizer = teacher_tokenizer(out, cfg, docs)
     log(f"tokenizer: {len(tokenizer)} tokens ({time.time() - t_wall:.0f}s)")
-    problems = synth.generate_problems(cfg.steps * cfg.reasoning_rows, split="train", seed=cfg.seed, levels=cfg.levels)
+    problems = synth.generate_problems(cfg.steps * cfg.reasoning_rows, split="train", seed=cfg.seed, levels=cfg.levels,
+                                       slip_rate=cfg.slip_rate)
     data = _Data(_tokenize_problems(tokenizer, problems), _pack_text(tokenizer, docs, cfg.text_len))
     log(f"data: {len(data.reasoning)} problems, {len(data.text_rows)} text rows ({time.time() - t_wall:.0f}s)")
 
@@ -534,8 +571,8 @@ def build(
     _write_generation_config(out, tokenizer)
 
     batches = _batches(cfg, data)
-    n_tokens = sum(len(ids) for b, t in batches for ids, _ in b) + cfg.steps * cfg.text_rows * cfg.text_len
-    n_loss = sum(len(ids) - s for b, _ in batches for ids, s in b) + cfg.steps * cfg.text_rows * cfg.text_len
+    n_tokens = sum(len(ids) for b, t in batches for ids, _, _ in b) + cfg.steps * cfg.text_rows * cfg.text_len
+    n_loss = sum(len(ids) - s - len(m) for b, _ in batches for ids, s, m in b) + cfg.steps * cfg.text_rows * cfg.text_len
     meta: dict[str, Any] = {
         "config": {k: v for k, v in asdict(cfg).items()},
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -549,6 +586,7 @@ def build(
         "general_text_source": synth.general_text_source(),
         "general_text_rows": len(data.text_rows),
         "data_version": synth.DATA_VERSION,
+        "teacher_version": TEACHER_VERSION,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}, python {platform.python_version()}",
     }
     del model

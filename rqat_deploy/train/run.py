@@ -380,6 +380,8 @@ def _run_train(cfg: TrainConfig, *, progress: bool) -> Path:
             _drop_empty_work(cfg)
             raise
     recipe = cfg.to_recipe() | {"reports": reports, "seconds": round(time.perf_counter() - t0, 3)}
+    if getattr(model.config, "rqat_teacher_version", None):  # the built-in teacher names its version
+        recipe["teacher_version"] = model.config.rqat_teacher_version
     trained = _trained_form(student, reports, plan)
     if trained is not None:  # the training form, which a later GRPO run follows (rqat_deploy.train.grpo.recorded_form)
         recipe["trains"] = trained
