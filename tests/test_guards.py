@@ -255,8 +255,8 @@ def test_guards_in_llamacpp_and_transformers(teacher_runtimes: Any, name: str) -
     from rqat_deploy.serve.runtimes import SamplingParams
 
     ll, tr, prompts, _ = teacher_runtimes
-    sampling = SamplingParams(greedy=True, max_tokens=80, guards=GUARDS[name])
-    plain = tr.generate(prompts, SamplingParams(greedy=True, max_tokens=80))
+    sampling = SamplingParams(greedy=True, max_tokens=200, guards=GUARDS[name])  # room to close a checked trace
+    plain = tr.generate(prompts, SamplingParams(greedy=True, max_tokens=200))
     g_ll, g_tr = ll.generate(prompts, sampling), tr.generate(prompts, sampling)
     assert [g.token_ids for g in g_ll] == [g.token_ids for g in g_tr]  # one guard, the same decisions
     assert [g.guards for g in g_ll] == [g.guards for g in g_tr]
