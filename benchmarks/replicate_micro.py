@@ -26,9 +26,13 @@ baselines:
 
 C+S and C+R of a seed start from that seed's C checkpoint (``--init-from``), so they differ only in
 the loss. Every model is graded greedily on the same ``--per-level`` x 4 held-out problems (never
-seen in training) with PyTorch on the dequantized weights. The table reports, per method, the mean
-accuracy over seeds with a 95 % t-interval over seeds (Wilson over problems for RTN and the
-teacher), the mean thinking length, and the mean paired difference to ``C`` over seeds.
+seen in training) with PyTorch on the dequantized weights, at most 256 new tokens. The table
+reports, per method, the mean accuracy over seeds with a 95 % t-interval over seeds (Wilson over
+problems for RTN and the teacher), the mean paired difference to ``C`` over seeds, the mean thinking
+length, its ratio to the teacher's on the same problems with a paired 95 % bootstrap interval over
+problems (issue 14: does training fight thinking inflation?), and the truncated fraction. A results
+file holds runs of one teacher version (``rqat_teacher_version``); another version needs another
+``--out``.
 
 Each run appends one JSON line to ``OUT/results.jsonl``; rerunning skips finished runs, so an
 interrupted replication resumes. The settings are each recipe's defaults for the built-in model
