@@ -77,11 +77,9 @@ def _evaluate(model_dir: Path | None, per_level: int) -> dict[str, Any]:
 
 
 def _teacher_version() -> str:
-    """The built-in teacher's version (``rqat_teacher_version`` in its config; v1 had none)."""
-    from rqat_deploy.builtin import synth
+    from rqat_deploy.builtin.tiny_reasoner import teacher_version
 
-    config = json.loads((synth.default_model_dir() / "config.json").read_text())
-    return config.get("rqat_teacher_version", "tiny-reasoner-v1")
+    return teacher_version()
 
 
 def _thinking_ratio(rows: list[dict[str, Any]], teacher: dict[str, Any] | None) -> str:

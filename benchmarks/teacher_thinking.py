@@ -130,10 +130,9 @@ def table(out: Path) -> str:
 
 
 def _version() -> str:
-    from rqat_deploy.builtin import synth
+    from rqat_deploy.builtin.tiny_reasoner import teacher_version
 
-    config = json.loads((synth.default_model_dir() / "config.json").read_text())
-    return config.get("rqat_teacher_version", "tiny-reasoner-v1")
+    return teacher_version()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -86,6 +86,9 @@ def test_asset_names_its_version(asset: Path, meta: dict) -> None:
     assert meta["teacher_version"] == TEACHER_VERSION
     assert json.loads((asset / "config.json").read_text())["rqat_teacher_version"] == TEACHER_VERSION
     assert meta["config"]["slip_rate"] == BuildConfig().slip_rate > 0
+    from rqat_deploy.builtin.tiny_reasoner import teacher_version
+
+    assert teacher_version() == TEACHER_VERSION
 
 
 def test_slipped_values_carry_no_loss(asset: Path) -> None:

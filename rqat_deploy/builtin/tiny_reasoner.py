@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["TEACHER_VERSION", "BuildConfig", "build", "evaluate", "main", "teacher_tokenizer"]
+__all__ = ["TEACHER_VERSION", "BuildConfig", "build", "evaluate", "main", "teacher_tokenizer", "teacher_version"]
 
 IGNORE_INDEX = -100
 #: The built-in teacher's version, written to its ``config.json`` (``rqat_teacher_version``, which
@@ -115,6 +115,19 @@ class BuildConfig:
     levels: tuple[int, ...] = synth.LEVELS
     slip_rate: float = 0.3
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def teacher_version(model_dir: str | Path | None = None) -> str:
+    """The version a built-in teacher names in its ``config.json`` (``rqat_teacher_version``).
+
+    Args:
+        model_dir: the teacher's directory (default: the shipped one).
+
+    Returns:
+        e.g. ``"tiny-reasoner-v2"``; ``"tiny-reasoner-v1"`` for a config without the key (v1 wrote none).
+    """
+    config = Path(model_dir or synth.default_model_dir()) / "config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("rqat_teacher_version", "tiny-reasoner-v1")
 
 
 # --------------------------------------------------------------------------------------------------
