@@ -402,7 +402,8 @@ def evaluate(
         tokenizer: an already loaded tokenizer.
 
     Returns:
-        ``{"accuracy", "n", "by_level": {level: {"accuracy", "n", "thinking_tokens_mean"}},
+        ``{"accuracy", "n", "by_level": {level: {"accuracy", "n", "thinking_tokens_mean",
+        "thinking_tokens_correct_mean", "thinking_tokens_incorrect_mean"}},
         "by_family": {...}, "thinking_tokens_mean", "truncated_fraction", "results": [per problem]}``.
     """
     import torch
@@ -455,8 +456,8 @@ def evaluate(
             "accuracy": sum(r["correct"] for r in rows) / n if n else float("nan"),
             "n": n,
             "thinking_tokens_mean": mean_thinking(rows),
-            "thinking_tokens_correct": mean_thinking([r for r in rows if r["correct"]]),
-            "thinking_tokens_wrong": mean_thinking([r for r in rows if not r["correct"]]),
+            "thinking_tokens_correct_mean": mean_thinking([r for r in rows if r["correct"]]),
+            "thinking_tokens_incorrect_mean": mean_thinking([r for r in rows if not r["correct"]]),
         }
 
     report = summary(results)
@@ -522,7 +523,7 @@ def _training_md(meta: dict[str, Any]) -> str:
         ]
         for lv, s in ev["by_level"].items():
             lines.append(f"| {lv} | {s['n']} | {s['accuracy']:.1%} | {s['thinking_tokens_mean']:.1f} | "
-                         f"{s['thinking_tokens_correct']:.1f} | {s['thinking_tokens_wrong']:.1f} |")
+                         f"{s['thinking_tokens_correct_mean']:.1f} | {s['thinking_tokens_incorrect_mean']:.1f} |")
         lines += ["", "| family | n | accuracy |", "|---|---|---|"]
         for fam, s in ev["by_family"].items():
             lines.append(f"| {fam} | {s['n']} | {s['accuracy']:.1%} |")
