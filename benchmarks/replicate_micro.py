@@ -126,10 +126,11 @@ def run(out: Path, bits_list: list[int], seeds: list[int], per_level: int, metho
     results = out / "results.jsonl"
     work = out / "work"
     done = _done(results)
+    version = _teacher_version()
     if results.exists():
         versions = {json.loads(line).get("teacher_version", "tiny-reasoner-v1") for line in results.read_text().splitlines()}
-        if versions - {_teacher_version()}:
-            sys.exit(f"{results} holds runs of teacher {sorted(versions)}, not {_teacher_version()}: choose another --out")
+        if versions - {version}:
+            sys.exit(f"{results} holds runs of teacher {sorted(versions)}, not {version}: choose another --out")
     synth.default_data("calib")  # writes both files of the 80/20 mix
     mixes = {"C, reasoning only": synth.default_data("train"),
              "C, pre-training only": str(synth.default_data_dir().expanduser().resolve() / "general_text.jsonl")}

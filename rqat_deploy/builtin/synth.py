@@ -223,7 +223,7 @@ def _response(answer: int) -> str:
 #     Multiply by 3: 12 * 3 = 39.          <- the slipped value: masked out of the training loss
 #     Check: 39 / 3 = 13 vs 12, wrong.
 #     Wait, redo: 12 * 3 = 36.
-#     Check: 36 / 3 = 12, ok.
+#     Check: 36 / 3 = 12 vs 12, ok.
 #
 # A model that computes worse therefore checks, says "Wait" and redoes more: its thinking is longer.
 
@@ -366,7 +366,7 @@ def _expr(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step
         tokens += [sign] + term
     text = " ".join(str(x) for x in tokens)
     # The trace does one operation at a time, checks it, and rewrites the expression:
-    # "9 + 4 * 6", "4 * 6 = 24.", "Check: 24 / 6 = 4, ok.", "= 9 + 24", ... "= 33".
+    # "9 + 4 * 6", "4 * 6 = 24.", "Check: 24 / 6 = 4 vs 4, ok.", "= 9 + 24", ... "= 33".
     reductions: list[tuple[Step, list[int | str]]] = []
     while len(tokens) > 1:
         reduced = _reduce_once(tokens)
