@@ -173,10 +173,9 @@ def test_slips_are_caught_redone_and_masked() -> None:
             kept.append(lines[i].replace("Wait, redo: ", "", 1) if lines[i].startswith("Wait, redo: ") else lines[i])
             i += 1
         assert found == wrong_values
-        stripped = [ln for ln in c.thinking.split("\n")]
         # the clean trace's step lines carry a restated instruction; the redo carries the bare step
         assert [ln.split(": ", 1)[-1] if STEP_RE.search(ln) else ln for ln in kept] == [
-            ln.split(": ", 1)[-1] if STEP_RE.search(ln) else ln for ln in stripped]
+            ln.split(": ", 1)[-1] if STEP_RE.search(ln) else ln for ln in c.thinking.split("\n")]
         assert len(wrong_values) <= p.level * synth.MAX_SLIPS_PER_STEP
     assert 0.2 * 600 < n_slips < 0.6 * 600 * 2.5
 
