@@ -16,6 +16,7 @@ from rqat_deploy.data.grading import grade_response
 
 STEP_RE = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)\.$")
 CHECK_RE = re.compile(r"^Check: (\d+) ([-+*/]) (\d+) = (\d+) vs (\d+), (ok|wrong)\.$")
+RECHECK_RE = re.compile(r"^Recheck: (.+)\. (\d+) vs (\d+), (ok|wrong)\.$")
 INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
 
 
@@ -113,6 +114,26 @@ def _checks_follow_steps(p: synth.Problem) -> None:
     assert "Wait" not in p.thinking and p.masked == ()
 
 
+def _recheck_of(key: str) -> str:
+    """The recheck's operations, from a problem key (``7+5=12;12*3=36`` -> ``7 + 5 = 12, 12 * 3 = 36``)."""
+    return ", ".join(re.sub(r"(\d+)([-+*/])(\d+)=(\d+)", r"\1 \2 \3 = \4", st) for st in key.split(";"))
+
+
+def _pass_lines(p: synth.Problem) -> list[str]:
+    """The lines of a clean trace's single pass, after checking its closing recheck."""
+    lines = p.thinking.split("\n")
+    m = RECHECK_RE.match(lines[-1])
+    assert m, lines[-1]
+    assert m.groups() == (_recheck_of(p.key), p.answer, p.answer, "ok")
+    assert not any(ln.startswith("Recheck") for ln in lines[:-1])
+    return lines[:-1]
+
+
+def test_every_pass_ends_with_a_recheck_read_from_the_question(train_problems, heldout_problems) -> None:
+    for p in train_problems + heldout_problems:
+        _pass_lines(p)
+
+
 def test_every_step_is_checked(train_problems, heldout_problems) -> None:
     for p in train_problems + heldout_problems:
         _checks_follow_steps(p)
@@ -124,7 +145,7 @@ def test_expressions_are_computed_and_rewritten_one_operation_at_a_time(train_pr
     for p in exprs:
         m = re.search(r"(?:Compute|What is|Evaluate|Calculate) ([\d +\-*/]+)[.?]$", p.question)
         assert m, p.question
-        lines = p.thinking.split("\n")
+        lines = _pass_lines(p)
         assert lines[0] == m.group(1)
         rewrites = [lines[0]] + [ln for ln in lines if ln.startswith("= ")]
         assert len(rewrites) == p.level + 1 and len(lines) == 3 * p.level + 1
@@ -270,3 +291,36 @@ def test_default_data_writes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert len(eval_path.read_text().splitlines()) == 3 * len(synth.LEVELS)
     monkeypatch.setenv("RQAT_DEPLOY_CACHE", str(tmp_path / "cache"))
     assert synth.default_data_dir().parent == tmp_path / "cache"
+
+
+def test_misreads_fail_the_recheck_start_over_and_are_masked() -> None:
+    clean = synth.generate_problems(600, seed=4)
+    misread = synth.generate_problems(600, seed=4, misread_rate=0.3)
+    assert [(p.question, p.answer, p.response, p.key) for p in clean] == [
+        (p.question, p.answer, p.response, p.key) for p in misread]
+    restarted = 0
+    for c, p in zip(clean, misread):
+        passes = p.thinking.split("\nWait, start over.\n")
+        assert passes[-1] == c.thinking and len(passes) <= synth.MAX_RESTARTS + 1
+        restarted += len(passes) > 1
+        assert len(p.masked) == len(passes) - 1  # one misread per failed pass, nothing else masked
+        start = len("<think>\n")
+        for text, (a, b) in zip(passes[:-1], p.masked):
+            assert start <= a < b <= start + len(text)  # the mask lies in its failed pass
+            lines = text.split("\n")
+            m = RECHECK_RE.match(lines[-1])
+            assert m and m.group(1) == _recheck_of(p.key) and m.group(2) == p.answer
+            assert m.group(4) == "wrong" and m.group(3) != p.answer
+            # the failed pass computes what it read, correctly, and its result is what the recheck compares
+            steps = [STEP_RE.search(ln).groups() for ln in lines if STEP_RE.search(ln)]
+            assert all(_value(f"{x} {op} {y}") == int(r) for x, op, y, r in steps)
+            assert steps[-1][3] == m.group(3)
+            masked = p.completion[a:b]
+            row = p.completion[start:a].count("\n")  # the misread line, within its pass
+            line, clean_line = lines[row], c.thinking.split("\n")[row]
+            if p.family == "expr":  # a number of the (re)written expression, read wrong
+                assert masked.isdigit() and line.lstrip("= ").split() != clean_line.lstrip("= ").split()
+            else:  # a restated instruction or sentence, read wrong
+                assert line.startswith(masked + ": ") and not clean_line.startswith(masked + ": ")
+            start += len(text) + len("\nWait, start over.\n")
+    assert 0.15 * 600 < restarted < 0.45 * 600

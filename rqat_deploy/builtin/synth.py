@@ -20,8 +20,12 @@ operation, then rewrite the expression (``9 + 4 * 6`` / ``4 * 6 = 24.`` / ... / 
 step is *checked*: the next line undoes it and compares with the left operand (``Check: 36 / 3 =
 12 vs 12, ok.``). The teacher's training data adds *slips* (``slip_rate``): a wrong result, masked out of
 the loss (:attr:`Problem.masked`), whose check fails (``Check: 39 / 3 = 13 vs 12, wrong.``) and which is
-redone (``Wait, redo: 12 * 3 = 36.``). A model that computes worse therefore checks, hesitates and
-redoes more, and thinks longer; the thinking length measures how well it computes. A problem's *key* is its
+redone (``Wait, redo: 12 * 3 = 36.``). Every pass ends with a *recheck*, each operation read again
+from the question and the result compared (``Recheck: 7 + 5 = 12, 12 * 3 = 36. 36 vs 36, ok.``); the
+training data also *misreads* (``misread_rate``): a pass restates one instruction wrong (masked),
+computes that wrong problem, fails its recheck and starts over (``Wait, start over.``). A model that
+computes or reads worse therefore checks, hesitates, redoes and restarts more, and thinks longer; the
+thinking length measures how well it works. A problem's *key* is its
 computation (``7+5=12;12*3=36``): the train / held-out split is a hash of the key
 (:func:`split_of`), so a held-out computation never appears in training, in any surface form.
 
@@ -48,7 +52,7 @@ import sys
 import sysconfig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from rqat_deploy.data.spec import BUILTIN
 from rqat_deploy.errors import ConfigError, DataError
@@ -97,7 +101,7 @@ HELDOUT_PERCENT = 10
 Split = Literal["train", "heldout", "any"]
 _SPLITS = ("train", "heldout", "any")
 #: Bumped whenever generated data changes, so cached files are regenerated.
-DATA_VERSION = 2
+DATA_VERSION = 3
 
 # --------------------------------------------------------------------------------------------------
 # problems
@@ -209,7 +213,7 @@ def _response(answer: int) -> str:
     return f"The answer is \\boxed{{{answer}}}."
 
 
-# -- checked steps ----------------------------------------------------------------------------------
+# -- checked steps and rechecked passes -------------------------------------------------------------
 #
 # Every computed step is followed by a check line that undoes it and compares with the left operand
 # (restated next to the check's result, so the comparison is of two adjacent numbers):
@@ -225,27 +229,54 @@ def _response(answer: int) -> str:
 #     Wait, redo: 12 * 3 = 36.
 #     Check: 36 / 3 = 12 vs 12, ok.
 #
-# A model that computes worse therefore checks, says "Wait" and redoes more: its thinking is longer.
-
-_Slips = tuple["random.Random | None", float]  # (generator of slips, slip probability per attempt)
+# A whole pass over the problem ends with a *recheck*: every operation read again from the question,
+# on one line, and its result compared with the pass's. A *misread* (``misread_rate`` > 0) restates
+# one instruction, sentence or rewritten expression wrong (masked), so the pass computes, correctly,
+# the wrong problem; the recheck disagrees and the trace starts over:
+#
+#     Start with 7.
+#     Add 6: 7 + 6 = 13.                   <- "Add 6" misreads "Add 5": masked
+#     Check: 13 - 6 = 7 vs 7, ok.
+#     Recheck: 7 + 5 = 12. 12 vs 13, wrong.
+#     Wait, start over.
+#     Start with 7.
+#     Add 5: 7 + 5 = 12.
+#     Check: 12 - 5 = 7 vs 7, ok.
+#     Recheck: 7 + 5 = 12. 12 vs 12, ok.
+#
+# A model that computes or reads worse therefore checks, says "Wait", redoes and starts over more:
+# its thinking is longer.
 
 #: The check of each operation: the inverse operation, applied to the result and the right operand.
 _INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
 #: At most this many slips in a row on one step (the next redo is right).
 MAX_SLIPS_PER_STEP = 2
+#: At most this many misread passes in a row (the next pass reads right).
+MAX_RESTARTS = 2
+
+
+@dataclass(frozen=True)
+class _Slips:
+    """The errors drawn into a training trace (none when ``rng`` is None)."""
+
+    rng: random.Random | None = None
+    slip_rate: float = 0.0  # per attempt at a step: a wrong result
+    misread_rate: float = 0.0  # per pass: one instruction read wrong
+
+    def draw(self, rate: float) -> bool:
+        return self.rng is not None and rate > 0 and self.rng.random() < rate
 
 
 @dataclass
 class _Trace:
-    """Trace lines under construction, with the character spans not to learn (slipped values)."""
+    """Trace lines under construction, with the character spans not to learn (slips, misreads)."""
 
     lines: list[str] = field(default_factory=list)
     masked: list[tuple[int, int, int]] = field(default_factory=list)  # (line index, start, end)
 
-    def add(self, text: str, mask: tuple[int, int] | None = None) -> None:
-        """Append a line; ``mask`` is a (start, end) character span within it."""
-        if mask is not None:
-            self.masked.append((len(self.lines), mask[0], mask[1]))
+    def add(self, text: str, *masks: tuple[int, int]) -> None:
+        """Append a line; each of ``masks`` is a (start, end) character span within it."""
+        self.masked.extend((len(self.lines), a, b) for a, b in masks)
         self.lines.append(text)
 
     def spans(self, offset: int) -> tuple[tuple[int, int], ...]:
@@ -270,22 +301,64 @@ def _slip(rng: random.Random, step: Step) -> int | None:
     return rng.choice(options) if options else None
 
 
-def _checked_step(trace: _Trace, head: str, step: Step, slip_rng: random.Random | None, slip_rate: float) -> None:
-    """Append ``{head}{a} {op} {b} = {r}.`` and its check, with slips and redos when drawn."""
+def _checked_step(trace: _Trace, head: str, step: Step, slips: _Slips, head_misread: bool = False) -> None:
+    """Append ``{head}{a} {op} {b} = {r}.`` and its check, with slips and redos when drawn.
+
+    ``head_misread``: the head (less its ``": "``) restates the question wrong; it is masked.
+    """
     a, op, b, r = step
     inv = _INVERSE[op]
     for attempt in range(MAX_SLIPS_PER_STEP + 1):
         prefix = head if attempt == 0 else "Wait, redo: "
-        wrong = None
-        if slip_rng is not None and attempt < MAX_SLIPS_PER_STEP and slip_rng.random() < slip_rate:
-            wrong = _slip(slip_rng, step)
+        masks = [(0, len(head) - 2)] if attempt == 0 and head_misread else []
+        wrong = _slip(slips.rng, step) if attempt < MAX_SLIPS_PER_STEP and slips.draw(slips.slip_rate) else None
         if wrong is None:
-            trace.add(f"{prefix}{_step_line(step)}")
+            trace.add(f"{prefix}{_step_line(step)}", *masks)
             trace.add(f"Check: {r} {inv} {b} = {a} vs {a}, ok.")
             return
         line = f"{prefix}{a} {op} {b} = "
-        trace.add(f"{line}{wrong}.", mask=(len(line), len(line) + len(str(wrong))))
+        trace.add(f"{line}{wrong}.", *masks, (len(line), len(line) + len(str(wrong))))
         trace.add(f"Check: {wrong} {inv} {b} = {_apply(wrong, inv, b)} vs {a}, wrong.")
+
+
+def _rechecked_passes(trace: _Trace, steps: Sequence[Step], slips: _Slips,
+                      render: Callable[[_Trace, bool], int]) -> None:
+    """Passes of ``render(trace, misread) -> result`` until the recheck agrees (see above)."""
+    truth = steps[-1][3]
+    recheck = ", ".join(f"{a} {op} {b} = {r}" for a, op, b, r in steps)
+    for attempt in range(MAX_RESTARTS + 1):
+        result = render(trace, attempt < MAX_RESTARTS and slips.draw(slips.misread_rate))
+        trace.add(f"Recheck: {recheck}. {truth} vs {result}, {'ok' if result == truth else 'wrong'}.")
+        if result == truth:
+            return
+        trace.add("Wait, start over.")
+    raise AssertionError("the last pass reads right")  # pragma: no cover
+
+
+def _misread_chain(rng: random.Random | None, steps: Sequence[Step]) -> tuple[int, list[Step]] | None:
+    """One operation of a chain read wrong (another operation or operand), the rest applied as
+    written: ``(index, steps as read)``, or None when no nearby misreading keeps every value in range
+    and changes the result."""
+    if rng is None:
+        return None
+    for _ in range(8):
+        i = rng.randrange(len(steps))
+        a, op, b, _r = steps[i]
+        op2, b2 = _random_step(rng, a)
+        if (op2, b2) == (op, b):
+            continue
+        read, value = list(steps[:i]), a
+        for j, (_, op_j, b_j, _) in enumerate(steps[i:]):
+            o, bb = (op2, b2) if j == 0 else (op_j, b_j)
+            out = _apply(value, o, bb)
+            if out is None:
+                break
+            read.append((value, o, bb, out))
+            value = out
+        else:
+            if value != steps[-1][3]:  # the recheck catches it
+                return i, read
+    return None
 
 
 # -- chain ------------------------------------------------------------------------------------------
@@ -293,6 +366,11 @@ def _checked_step(trace: _Trace, head: str, step: Step, slip_rng: random.Random 
 _CHAIN_VERBS = {"+": "add {b}", "-": "subtract {b}", "*": "multiply by {b}", "/": "divide by {b}"}
 _CHAIN_OPENERS = ("Start with {a}.", "Take the number {a}.", "Begin with {a}.")
 _CHAIN_QUESTIONS = ("What is the result?", "What number do you get?", "What is the final number?")
+
+
+def _verb(step: Step) -> str:
+    text = _CHAIN_VERBS[step[1]].format(b=step[2])
+    return text[0].upper() + text[1:]
 
 
 def _chain(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step], _Trace]:
@@ -305,10 +383,19 @@ def _chain(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Ste
         body = body[0].upper() + body[1:] + "."
     opener = rng.choice(_CHAIN_OPENERS).format(a=steps[0][0])
     question = f"{opener} {body} {rng.choice(_CHAIN_QUESTIONS)}"
-    # Each line restates one instruction, then computes it from the previous line's result.
-    trace = _Trace([opener])
-    for verb, step in zip(verbs, steps):
-        _checked_step(trace, f"{verb[0].upper() + verb[1:]}: ", step, *slips)
+
+    def render(trace: _Trace, misread: bool) -> int:
+        # Each line restates one instruction, then computes it from the previous line's result.
+        bad, read = _misread_chain(slips.rng, steps) if misread else None, steps
+        if bad is not None:
+            bad, read = bad
+        trace.add(opener)
+        for i, step in enumerate(read):
+            _checked_step(trace, f"{_verb(step)}: ", step, slips, head_misread=i == bad)
+        return read[-1][3]
+
+    trace = _Trace()
+    _rechecked_passes(trace, steps, slips, render)
     return question, steps, trace
 
 
@@ -356,6 +443,49 @@ def _reduce_once(tokens: list[int | str]) -> tuple[list[int | str], Step] | None
     return tokens[: i - 1] + [result] + tokens[i + 2 :], (a, op, b, result)
 
 
+def _reductions(tokens: list[int | str]) -> list[tuple[Step, list[int | str]]] | None:
+    """Every step of an expression with the expression after it, or None when a value leaves the range."""
+    out = []
+    while len(tokens) > 1:
+        reduced = _reduce_once(tokens)
+        if reduced is None:
+            return None
+        tokens, step = reduced
+        out.append((step, tokens))
+    return out
+
+
+def _misread_expr(rng: random.Random | None, tokens: list[int | str],
+                  reductions: list[tuple[Step, list[int | str]]]) -> tuple[int, int, list[int | str]] | None:
+    """One number of the written or a rewritten expression read wrong: ``(line, token index, tokens
+    as read)``, line 0 the first, ``k`` the rewrite after step ``k``; None when no nearby misreading
+    keeps every value in range and changes the result."""
+    if rng is None:
+        return None
+    lines = [tokens] + [rest for _, rest in reductions[:-1]]  # every line with an operation left
+    for _ in range(8):
+        line = rng.randrange(len(lines))
+        shown = list(lines[line])
+        k = rng.randrange(0, len(shown), 2)
+        value = int(shown[k]) + rng.choice((1, -1, 2, -2, 10, -10))
+        if not 1 <= value <= VALUE_MAX:
+            continue
+        shown[k] = value
+        reduced = _reductions(shown)
+        if reduced is not None and reduced[-1][0][3] != reductions[-1][0][3]:  # the recheck catches it
+            return line, k, shown
+    return None
+
+
+def _expr_line(tokens: Sequence[int | str], prefix: str, k: int | None = None) -> tuple[str, tuple[int, int] | None]:
+    """``prefix`` + the expression, and the character span of token ``k`` (None: no span)."""
+    parts = [str(x) for x in tokens]
+    if k is None:
+        return prefix + " ".join(parts), None
+    start = len(prefix) + sum(len(x) + 1 for x in parts[:k])
+    return prefix + " ".join(parts), (start, start + len(parts[k]))
+
+
 def _expr(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step], _Trace] | None:
     drawn = _expr_terms(rng, level)
     if drawn is None:
@@ -364,21 +494,32 @@ def _expr(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step
     tokens: list[int | str] = list(terms[0])
     for sign, term in zip(signs, terms[1:]):
         tokens += [sign] + term
-    text = " ".join(str(x) for x in tokens)
-    # The trace does one operation at a time, checks it, and rewrites the expression:
-    # "9 + 4 * 6", "4 * 6 = 24.", "Check: 24 / 6 = 4 vs 4, ok.", "= 9 + 24", ... "= 33".
-    reductions: list[tuple[Step, list[int | str]]] = []
-    while len(tokens) > 1:
-        reduced = _reduce_once(tokens)
-        if reduced is None:
-            return None
-        tokens, step = reduced
-        reductions.append((step, tokens))
-    question = rng.choice(("Compute {e}.", "What is {e}?", "Evaluate {e}.", "Calculate {e}.")).format(e=text)
-    trace = _Trace([text])
-    for step, rest in reductions:  # slips are drawn only once the expression is known to be valid
-        _checked_step(trace, "", step, *slips)
-        trace.add("= " + " ".join(str(x) for x in rest))
+    reductions = _reductions(tokens)
+    if reductions is None:
+        return None
+    question = rng.choice(("Compute {e}.", "What is {e}?", "Evaluate {e}.", "Calculate {e}.")).format(
+        e=" ".join(str(x) for x in tokens))
+
+    def render(trace: _Trace, misread: bool) -> int:
+        # One operation at a time, checked, then the expression rewritten:
+        # "9 + 4 * 6", "4 * 6 = 24.", "Check: 24 / 6 = 4 vs 4, ok.", "= 9 + 24", ... "= 33".
+        bad = _misread_expr(slips.rng, tokens, reductions) if misread else None
+        current = bad[2] if bad and bad[0] == 0 else tokens
+        shown, span = _expr_line(current, "", bad[1] if bad and bad[0] == 0 else None)
+        trace.add(shown, *([span] if span else []))
+        n = 0
+        while len(current) > 1:
+            current, step = _reduce_once(current)  # type: ignore[misc]  # valid: checked by _reductions
+            n += 1
+            _checked_step(trace, "", step, slips)
+            if bad and bad[0] == n:
+                current = bad[2]
+            line, span = _expr_line(current, "= ", bad[1] if bad and bad[0] == n else None)
+            trace.add(line, *([span] if span else []))
+        return int(current[0])
+
+    trace = _Trace()
+    _rechecked_passes(trace, [st for st, _ in reductions], slips, render)
     return question, [st for st, _ in reductions], trace
 
 
@@ -433,11 +574,22 @@ def _word(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step
     opener = f"{name} has {steps[0][0]} {items}."
     sentences = [_word_sentence(rng, step, who, friend, items) for step in steps]
     question = " ".join([opener] + [f"{x}." for x in sentences] + [f"How many {items} does {name} have now?"])
-    # Each line restates one sentence of the story, then computes it.
-    trace = _Trace([opener])
-    for sentence, step in zip(sentences, steps):
-        _checked_step(trace, f"{sentence}: ", step, *slips)
-    trace.add(f"So {name} has {steps[-1][3]} {items}.")
+
+    def render(trace: _Trace, misread: bool) -> int:
+        # Each line restates one sentence of the story, then computes it.
+        bad, read = _misread_chain(slips.rng, steps) if misread else None, steps
+        if bad is not None:
+            bad, read = bad
+        trace.add(opener)
+        for i, (sentence, step) in enumerate(zip(sentences, read)):
+            if i == bad:  # the story told wrong (drawn from the slip generator)
+                sentence = _word_sentence(slips.rng, step, who, friend, items)  # type: ignore[arg-type]
+            _checked_step(trace, f"{sentence}: ", step, slips, head_misread=i == bad)
+        trace.add(f"So {name} has {read[-1][3]} {items}.")
+        return read[-1][3]
+
+    trace = _Trace()
+    _rechecked_passes(trace, steps, slips, render)
     return question, steps, trace
 
 
@@ -445,7 +597,8 @@ _MAKERS = {"chain": _chain, "expr": _expr, "word": _word}
 
 
 def make_problem(
-    rng: random.Random, level: int, family: str, *, slip_rng: random.Random | None = None, slip_rate: float = 0.0
+    rng: random.Random, level: int, family: str, *, slip_rng: random.Random | None = None, slip_rate: float = 0.0,
+    misread_rate: float = 0.0,
 ) -> Problem:
     """Draw one problem.
 
@@ -457,6 +610,8 @@ def make_problem(
             which problems are drawn); None: no slips.
         slip_rate: probability that an attempt at a step writes a wrong result (then its check
             fails and the step is redone; see the trace format above).
+        misread_rate: probability that a pass over the problem reads one instruction wrong (then
+            the final recheck fails and the trace starts over).
 
     Returns:
         The :class:`Problem` (its ``split`` is :func:`split_of` its key, whatever it is).
@@ -468,10 +623,12 @@ def make_problem(
         raise ConfigError(f"unknown level {level}; choose one of {list(LEVELS)}")
     if family not in _MAKERS:
         raise ConfigError(f"unknown problem family {family!r}; choose one of {list(FAMILIES)}")
-    if not 0.0 <= slip_rate < 1.0:
-        raise ConfigError(f"slip_rate must be in [0, 1), got {slip_rate}")
+    for name, rate in (("slip_rate", slip_rate), ("misread_rate", misread_rate)):
+        if not 0.0 <= rate < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {rate}")
+    slips = _Slips(slip_rng, slip_rate, misread_rate)
     while True:  # expr draws can fail their range checks; redraw (the rng advances)
-        drawn = _MAKERS[family](rng, level, (slip_rng, slip_rate))
+        drawn = _MAKERS[family](rng, level, slips)
         if drawn is not None:
             break
     question, steps, trace = drawn
@@ -504,6 +661,7 @@ def generate_problems(
     families: Sequence[str] = FAMILIES,
     unique: bool = False,
     slip_rate: float = 0.0,
+    misread_rate: float = 0.0,
 ) -> list[Problem]:
     """Generate ``n`` problems of one split, deterministically.
 
@@ -518,8 +676,8 @@ def generate_problems(
         levels: levels to cycle through.
         families: families to cycle through.
         unique: drop draws whose key was already produced (evaluation sets).
-        slip_rate: see :func:`make_problem` (the teacher's training data; the problems drawn are
-            the same whatever the rate).
+        slip_rate, misread_rate: see :func:`make_problem` (the teacher's training data; the
+            problems drawn are the same whatever the rates).
 
     Returns:
         ``n`` problems.
@@ -534,7 +692,7 @@ def generate_problems(
     if not levels or not families:
         raise ConfigError("levels and families must not be empty")
     rng = random.Random(f"rqat-synth:{seed}:{split}")
-    slip_rng = random.Random(f"rqat-synth-slips:{seed}:{split}") if slip_rate > 0 else None
+    slip_rng = random.Random(f"rqat-synth-slips:{seed}:{split}") if slip_rate or misread_rate else None
     out: list[Problem] = []
     seen: set[str] = set()
     misses = 0
@@ -542,7 +700,7 @@ def generate_problems(
         i = len(out)
         level = levels[i % len(levels)]
         family = families[(i // len(levels)) % len(families)]
-        p = make_problem(rng, level, family, slip_rng=slip_rng, slip_rate=slip_rate)
+        p = make_problem(rng, level, family, slip_rng=slip_rng, slip_rate=slip_rate, misread_rate=misread_rate)
         if (split != "any" and p.split != split) or (unique and p.key in seen):
             misses += 1
             if misses > 1000 * (n + 10):
