@@ -86,20 +86,22 @@ def test_asset_names_its_version(asset: Path, meta: dict) -> None:
     assert meta["teacher_version"] == TEACHER_VERSION
     assert json.loads((asset / "config.json").read_text())["rqat_teacher_version"] == TEACHER_VERSION
     assert meta["config"]["slip_rate"] == BuildConfig().slip_rate > 0
+    assert meta["config"]["misread_rate"] == BuildConfig().misread_rate > 0
     from rqat_deploy.builtin.tiny_reasoner import teacher_version
 
     assert teacher_version() == TEACHER_VERSION
 
 
 def test_slipped_values_carry_no_loss(asset: Path) -> None:
-    """The wrong result of a slip is in the input (the check reads it) but never a target."""
+    """The wrong result of a slip and a misread instruction are in the input (the check and the
+    recheck read them) but never a target."""
     tok = AutoTokenizer.from_pretrained(str(asset))
-    problems = synth.generate_problems(40, seed=2, slip_rate=0.4)
+    problems = synth.generate_problems(40, seed=2, slip_rate=0.4, misread_rate=0.4)
     samples = _tokenize_problems(tok, problems)
     n_masked = 0
     for p, (ids, start, masked) in zip(problems, samples):
-        wrong = "".join(p.completion[a:b] for a, b in p.masked)
-        assert "".join(tok.decode([ids[i]]).strip() for i in masked) == wrong  # digits are single tokens
+        wrong = "".join(p.completion[a:b] for a, b in p.masked).replace(" ", "")
+        assert "".join(tok.decode([ids[i]]).strip() for i in masked) == wrong  # no token crosses a span's edge
         assert all(i >= start for i in masked)
         n_masked += len(masked)
     assert n_masked > 20

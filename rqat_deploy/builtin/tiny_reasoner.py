@@ -49,8 +49,10 @@ IGNORE_INDEX = -100
 #: The built-in teacher's version, written to its ``config.json`` (``rqat_teacher_version``, which
 #: every checkpoint trained from it carries on) and ``TRAINING.json``. v1: plain traces, thinking
 #: length fixed by the problem. v2: checked traces with slips and redos in training (thinking
-#: length grows with the model's computing errors).
-TEACHER_VERSION = "tiny-reasoner-v2"
+#: length grows with the model's computing errors). v3: every pass ends with a recheck read from the
+#: question, and training traces also misread the question, fail the recheck and start over (thinking
+#: length grows with reading errors too, which are most of a trained teacher's).
+TEACHER_VERSION = "tiny-reasoner-v3"
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,12 @@ class BuildConfig:
         levels: the problem levels trained and evaluated.
         slip_rate: probability that an attempt at a step of a training trace slips (a wrong result,
             masked out of the loss, then a failed check and a redo; :func:`rqat_deploy.builtin.synth.make_problem`).
+        misread_rate: probability that a pass of a training trace reads one instruction wrong (masked;
+            then the final recheck fails and the trace starts over).
     """
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2500
     reasoning_rows: int = 8
     text_rows: int = 1
     text_len: int = 128
@@ -109,11 +113,12 @@ class BuildConfig:
     rope_theta: float = 10000.0
     threads: int = 1
     eval_per_level: int = 25
-    eval_max_new_tokens: int = 256
+    eval_max_new_tokens: int = 512
     eval_seed: int = synth.DEFAULT_DATA_SEED
     eval_every: int = 600
     levels: tuple[int, ...] = synth.LEVELS
     slip_rate: float = 0.3
+    misread_rate: float = 0.3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -379,7 +384,7 @@ def evaluate(
     per_level: int = 100,
     seed: int = synth.DEFAULT_DATA_SEED,
     levels: Sequence[int] = synth.LEVELS,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = 512,
     batch_size: int = 50,
     model: Any = None,
     tokenizer: Any = None,
@@ -475,7 +480,7 @@ def evaluate(
 
 def _corpus(cfg: BuildConfig, docs: Sequence[str]) -> list[str]:
     problems = synth.generate_problems(cfg.tokenizer_problems, split="train", seed=cfg.seed + 1000, levels=cfg.levels,
-                                       slip_rate=cfg.slip_rate)
+                                       slip_rate=cfg.slip_rate, misread_rate=cfg.misread_rate)
     return [_render_plain(p) for p in problems] + list(docs)
 
 
@@ -502,7 +507,9 @@ def _training_md(meta: dict[str, Any]) -> str:
         "",
         f"- version: {meta['teacher_version']} (checked traces: every step is undone and compared; training "
         f"traces slip with probability {meta['config']['slip_rate']} per attempt, the wrong value masked out of "
-        "the loss, then fail their check and redo the step)",
+        "the loss, then fail their check and redo the step; each pass ends with a recheck read from the question, "
+        f"and a pass misreads one instruction with probability {meta['config'].get('misread_rate', 0.0)}, masked, "
+        "then fails its recheck and starts over)",
         f"- parameters: {meta['parameters']:,} ({meta['weights_dtype']} safetensors, "
         f"{meta['weights_bytes'] / 1e6:.1f} MB)",
         f"- steps: {meta['config']['steps']}, seed {meta['config']['seed']}, "
@@ -568,7 +575,7 @@ def build(
     tokenizer = teacher_tokenizer(out, cfg, docs)
     log(f"tokenizer: {len(tokenizer)} tokens ({time.time() - t_wall:.0f}s)")
     problems = synth.generate_problems(cfg.steps * cfg.reasoning_rows, split="train", seed=cfg.seed, levels=cfg.levels,
-                                       slip_rate=cfg.slip_rate)
+                                       slip_rate=cfg.slip_rate, misread_rate=cfg.misread_rate)
     data = _Data(_tokenize_problems(tokenizer, problems), _pack_text(tokenizer, docs, cfg.text_len))
     log(f"data: {len(data.reasoning)} problems, {len(data.text_rows)} text rows ({time.time() - t_wall:.0f}s)")
 
