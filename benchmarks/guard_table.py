@@ -29,11 +29,11 @@ from typing import Any
 #: Guard settings benched: name -> BenchConfig fields.
 SETTINGS: dict[str, dict[str, Any]] = {
     "none": {},
-    "budget 64": {"think_budget": 64},
     "budget 128": {"think_budget": 128},
+    "budget 256": {"think_budget": 256},
     "loop breaker": {"loop_breaker": True},
     "hesitation 3.0": {"hesitation_penalty": 3.0},
-    "all (128, loop, 3.0)": {"think_budget": 128, "loop_breaker": True, "hesitation_penalty": 3.0},
+    "all (256, loop, 3.0)": {"think_budget": 256, "loop_breaker": True, "hesitation_penalty": 3.0},
 }
 STUDENTS = {"rtn": "RTN int2", "rqat": "rqat int2"}
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="Working directory (students, GGUFs, bench runs, table).")
     parser.add_argument("--per-level", type=int, default=50, help="Held-out problems per level (4 levels).")
-    parser.add_argument("--max-tokens", type=int, default=256, help="Generation limit per response.")
+    parser.add_argument("--max-tokens", type=int, default=512, help="Generation limit per response.")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads.")
     parser.add_argument("--table-only", action="store_true", help="Print the table of finished runs.")
     args = parser.parse_args(argv)

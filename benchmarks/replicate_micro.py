@@ -26,7 +26,7 @@ baselines:
 
 C+S and C+R of a seed start from that seed's C checkpoint (``--init-from``), so they differ only in
 the loss. Every model is graded greedily on the same ``--per-level`` x 4 held-out problems (never
-seen in training) with PyTorch on the dequantized weights, at most 256 new tokens. The table
+seen in training) with PyTorch on the dequantized weights, at most 512 new tokens. The table
 reports, per method, the mean accuracy over seeds with a 95 % t-interval over seeds (Wilson over
 problems for RTN and the teacher), the mean paired difference to ``C`` over seeds, the mean thinking
 length, its ratio to the teacher's on the same problems with a paired 95 % bootstrap interval over
@@ -193,7 +193,7 @@ def table(out: Path) -> str:
     n = rows[0]["n"]
     lines = [
         f"Teacher {rows[0].get('teacher_version', 'tiny-reasoner-v1')}. "
-        f"Greedy accuracy on {n} held-out problems (at most 256 new tokens); mean over seeds [95% CI: t over seeds, Wilson over problems for "
+        f"Greedy accuracy on {n} held-out problems (at most 512 new tokens); mean over seeds [95% CI: t over seeds, Wilson over problems for "
         "single runs]; Δ vs C: mean paired difference to stage 1 alone (same seed); thinking x teacher: mean "
         "thinking tokens over the teacher's on the same problems, 95% bootstrap interval over problems; truncated: "
         "responses that hit the token limit.",

@@ -368,7 +368,7 @@ def bench(models: tuple[str, ...], dataset: str | None, responses: tuple[str, ..
     \b
     Examples:
       rqat-deploy bench --model model-q2k.gguf --dataset ../shared/data/gsm8k_test.jsonl --limit 20
-      rqat-deploy bench --model tiny-int2.gguf --dataset builtin --greedy --max-tokens 256
+      rqat-deploy bench --model tiny-int2.gguf --dataset builtin --greedy --max-tokens 512
       rqat-deploy bench --model teacher/ --model ckpt-int2 --compare --dataset math500 --seeds 3
       rqat-deploy bench --model ckpt-int2 --model int2.gguf --reference teacher/ --dataset builtin --no-speed
       rqat-deploy bench --responses answers.jsonl --dataset ../shared/data/math500_test.jsonl --out graded
@@ -443,7 +443,7 @@ def inspect(path: str, as_json: bool, verify: bool) -> None:
                    "bits/weight; scalar kernel on x86).")
 @click.option("--per-level", default=25, show_default=True, type=int,
               help="Held-out problems per difficulty level (4 levels).")
-@click.option("--max-tokens", default=256, show_default=True, type=int, help="Generation limit per answer.")
+@click.option("--max-tokens", default=512, show_default=True, type=int, help="Generation limit per answer.")
 @click.option("--threads", default=None, type=int,
               help="CPU threads for training and llama.cpp (default: all cores for training, 1 for llama.cpp).")
 @click.option("--calib-samples", default=None, type=int, help="Stage-1 calibration sequences (default 256).")

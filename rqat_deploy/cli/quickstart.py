@@ -68,7 +68,7 @@ class QuickstartConfig:
     bits: int = 2
     grid: str = "kquant"
     per_level: int = 25
-    max_tokens: int = 256
+    max_tokens: int = 512
     threads: int | None = None
     calib_samples: int | None = None
     calib_seq_len: int | None = None

@@ -102,9 +102,9 @@ PAPER_STAGE2: dict[str, Any] = {"train_form": "scales", "relative_lr": False, "k
 PAPER_LOSS = "rr+topk_kl"
 #: GPTQ and AWQ as the papers' baselines ran them: 128 calibration samples of math (NuminaMath).
 _PTQ_DEFAULTS: dict[str, Any] = {"calib_samples": 128}
-#: On the built-in model a math sample (one checked trace) is 60-260 tokens (95 % under 256): 128 windows
-#: of 256 tokens.
-_PTQ_BUILTIN: dict[str, Any] = {"calib_samples": 128, "calib_seq_len": 256}
+#: On the built-in model a math sample (one checked and rechecked trace) is 95-320 tokens (95 % under 300):
+#: 128 windows of 320 tokens.
+_PTQ_BUILTIN: dict[str, Any] = {"calib_samples": 128, "calib_seq_len": 320}
 #: Reasoning-QAT's KD stage as published (DESIGN.md 5): KL to the teacher on the latent weights
 #: (straight-through), Adam (0.9, 0.95), cosine, 180 warm-up steps of 6,000 (= warmup_ratio 0.03),
 #: global batch 32, peak lr 1e-6 from the GPTQ start. 6,000 steps x 32 = 3 passes over 64,000 samples
@@ -188,7 +188,7 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
 #: Defaults for the built-in tiny reasoner (``--model`` not given): its sequences are ~100 tokens and
 #: it has 3.7 M parameters, so the paper's 4,096 x 2,048 calibration tokens and its learning rates
 #: (set for 1.5-32 B models) do not fit. Chosen on stage-2 validation loss, not on accuracy (README).
-#: GRPO: 16 steps of 4 prompts x 8 rollouts of <= 256 tokens (the teacher's answers take 50-200), at
+#: GRPO: 16 steps of 4 prompts x 8 rollouts of <= 384 tokens (the teacher's answers take 60-280), at
 #: the stage-2 rate (the same scales train); sized for a two-core CPU, not tuned on accuracy.
 BUILTIN_PRESET: dict[str, Any] = {
     "calib_samples": 256,
@@ -201,7 +201,7 @@ BUILTIN_PRESET: dict[str, Any] = {
     "grpo_steps": 16,
     "grpo_lr": 1e-3,
     "grpo_batch": 32,
-    "grpo_max_tokens": 256,
+    "grpo_max_tokens": 384,
 }
 
 
