@@ -224,7 +224,7 @@ def train(**kw: Any) -> None:
 
     \b
     Examples:
-      rqat-deploy train --out tiny-int2 --grid kquant   # built-in tiny reasoner and data, offline, ~30 min on CPU
+      rqat-deploy train --out tiny-int2 --grid kquant   # built-in tiny reasoner and data, offline, ~35 min on CPU
       rqat-deploy train --model Qwen/Qwen3-1.7B --bits 2 --out qwen3-int2            # the flagship recipe
       rqat-deploy train --model Qwen/Qwen3-1.7B --bits 2 --recipe C+R --out c-r      # the paper's method as written
       rqat-deploy train --model ./my-model --recipe rtn --bits 2 --grid kquant --out ckpt
@@ -453,7 +453,7 @@ def inspect(path: str, as_json: bool, verify: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 def quickstart(out: str, bits: str, grid: str, per_level: int, max_tokens: int, threads: int | None,
                calib_samples: int | None, train_samples: int | None, no_speed: bool, seed: int, force: bool) -> None:
-    """Run the whole pipeline offline on the built-in tiny reasoner (~30 min on 2 CPU cores).
+    """Run the whole pipeline offline on the built-in tiny reasoner (~35 min on 2 CPU cores).
 
     Trains an RTN and an rqat (the flagship recipe) int2 student of the built-in teacher, writes
     them as exact 2-bit GGUF files (Q2_K; Q2_0 with --grid q2_0), quantizes the teacher with
