@@ -35,7 +35,8 @@ logits processors (:mod:`rqat_deploy.serve.guards_vllm`) and the ONNX Runtime lo
   (where the penalty could change a greedy choice); ``hesitation_emitted``: hesitation tokens
   generated all the same.
 
-With your own model (batch 1 shown; a transformers batch gets one guard per row)::
+With your own model (batch 1 shown; a transformers batch gets one guard per row; ``generated_ids``
+are the response's ids, prompt excluded)::
 
     from rqat_deploy.serve.guards import ThinkingGuards
     guards = ThinkingGuards(budget=2048, loop_breaker=True, hesitation_penalty=3.0)
@@ -43,12 +44,12 @@ With your own model (batch 1 shown; a transformers batch gets one guard per row)
     # transformers
     proc = guards.transformers_processor(tokenizer, input_ids)
     model.generate(input_ids, logits_processor=LogitsProcessorList([proc]), ...)
-    proc.guards[0].report()
+    proc.guards[0].report(generated_ids)
 
     # llama-cpp-python
     proc = guards.llama_cpp_processor(llm, prompt_tokens)
     llm.create_completion(prompt_tokens, logits_processor=LogitsProcessorList([proc]), ...)
-    proc.guard.report()
+    proc.guard.report(generated_ids)
 """
 
 from __future__ import annotations
@@ -383,8 +384,15 @@ class RequestGuard:
         self._replayed = True
         return self
 
-    def report(self) -> dict[str, Any]:
-        """What the guards did (see the module docstring)."""
+    def report(self, generated: Sequence[int] = ()) -> dict[str, Any]:
+        """What the guards did (see the module docstring).
+
+        Args:
+            generated: the finished response's ids; those not yet seen are observed first (the last
+                token is sampled after the guard's last call, so without it a response cut by the
+                token limit counts one thinking token short).
+        """
+        self.sync(generated)
         replayed = self._replayed
         return {
             "budget_fired_at": self.budget_fired_at,

@@ -218,7 +218,7 @@ class LlamaCppRuntime(Runtime):
             total_s=total,
             prefill_tokens_per_s=token_rate(perf.n_p_eval, perf.t_p_eval_ms / 1000.0),
             decode_tokens_per_s=token_rate(perf.n_eval, perf.t_eval_ms / 1000.0),
-            guards=guard.report() if guard else None,
+            guards=guard.report(ids) if guard else None,
         )
 
     def logits(self, prompt_ids: Sequence[int]) -> Any:

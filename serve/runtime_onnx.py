@@ -483,7 +483,7 @@ class OnnxRuntime(Runtime):
         n_gen = len(ids) + (1 if out.finish_reason == "stop" else 0)
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         gen = Generation.timed_from_first_token(text, ids, len(prompt_ids), out.finish_reason, out.ttft_s, out.total_s, n_gen - 1)
-        gen.guards = guard.report() if guard else None
+        gen.guards = guard.report(ids) if guard else None
         return gen
 
     def logits(self, prompt_ids: Sequence[int]) -> Any:

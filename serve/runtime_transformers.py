@@ -179,7 +179,7 @@ class TransformersRuntime(Runtime):
         n_gen = len(out[0]) - len(prompt_ids)
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         gen = Generation.timed_from_first_token(text, ids, len(prompt_ids), finish, ttft, total, n_gen - 1)
-        gen.guards = guard.report() if guard else None
+        gen.guards = guard.report(ids) if guard else None
         return gen
 
     def logits(self, prompt_ids: Sequence[int]) -> Any:

@@ -255,8 +255,8 @@ def test_guards_in_llamacpp_and_transformers(teacher_runtimes: Any, name: str) -
     from rqat_deploy.serve.runtimes import SamplingParams
 
     ll, tr, prompts, _ = teacher_runtimes
-    sampling = SamplingParams(greedy=True, max_tokens=200, guards=GUARDS[name])  # room to close a checked trace
-    plain = tr.generate(prompts, SamplingParams(greedy=True, max_tokens=200))
+    sampling = SamplingParams(greedy=True, max_tokens=320, guards=GUARDS[name])  # room to close a rechecked trace
+    plain = tr.generate(prompts, SamplingParams(greedy=True, max_tokens=320))
     g_ll, g_tr = ll.generate(prompts, sampling), tr.generate(prompts, sampling)
     assert [g.token_ids for g in g_ll] == [g.token_ids for g in g_tr]  # one guard, the same decisions
     assert [g.guards for g in g_ll] == [g.guards for g in g_tr]
@@ -265,8 +265,9 @@ def test_guards_in_llamacpp_and_transformers(teacher_runtimes: Any, name: str) -
     for gen in g_tr:
         n, _, closed = thinking_span_ids(gen.token_ids, *tr.think_ids)
         rep = gen.guards
-        assert closed and rep["thinking_tokens"] == n
-        span = gen.token_ids[1 : gen.token_ids.index(close)]
+        assert rep["thinking_tokens"] == n
+        assert closed or name == "hesitation"  # budget and loop breaker close thinking; a penalty need not
+        span = gen.token_ids[1 : gen.token_ids.index(close)] if closed else gen.token_ids[1:]
         if name == "budget":
             assert n == 12 and rep["budget_fired_at"] == 11
         elif name == "loop":  # cut where the metric finds the loop, or no loop at all
