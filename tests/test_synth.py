@@ -162,12 +162,18 @@ def test_expressions_are_computed_and_rewritten_one_operation_at_a_time(train_pr
         assert all(1 <= int(n) <= synth.VALUE_MAX for line in lines for n in re.findall(r"\d+", line))
 
 
-def test_slips_are_caught_redone_and_masked() -> None:
+def _clean_and_with_errors(**rates: float) -> tuple[list[synth.Problem], list[synth.Problem]]:
+    """600 problems drawn without and with training errors; errors never change which problems are
+    drawn, their answers or visible responses."""
     clean = synth.generate_problems(600, seed=4)
-    slipped = synth.generate_problems(600, seed=4, slip_rate=0.3)
-    # slips never change which problems are drawn, their answers or visible responses
+    drawn = synth.generate_problems(600, seed=4, **rates)
     assert [(p.question, p.answer, p.response, p.key) for p in clean] == [
-        (p.question, p.answer, p.response, p.key) for p in slipped]
+        (p.question, p.answer, p.response, p.key) for p in drawn]
+    return clean, drawn
+
+
+def test_slips_are_caught_redone_and_masked() -> None:
+    clean, slipped = _clean_and_with_errors(slip_rate=0.3)
     n_slips = 0
     for c, p in zip(clean, slipped):
         if not p.masked:
@@ -294,10 +300,7 @@ def test_default_data_writes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_misreads_fail_the_recheck_start_over_and_are_masked() -> None:
-    clean = synth.generate_problems(600, seed=4)
-    misread = synth.generate_problems(600, seed=4, misread_rate=0.3)
-    assert [(p.question, p.answer, p.response, p.key) for p in clean] == [
-        (p.question, p.answer, p.response, p.key) for p in misread]
+    clean, misread = _clean_and_with_errors(misread_rate=0.3)
     restarted = 0
     for c, p in zip(clean, misread):
         passes = p.thinking.split("\nWait, start over.\n")
