@@ -386,9 +386,8 @@ def _chain(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Ste
 
     def render(trace: _Trace, misread: bool) -> int:
         # Each line restates one instruction, then computes it from the previous line's result.
-        bad, read = _misread_chain(slips.rng, steps) if misread else None, steps
-        if bad is not None:
-            bad, read = bad
+        drawn = _misread_chain(slips.rng, steps) if misread else None
+        bad, read = drawn if drawn is not None else (None, list(steps))
         trace.add(opener)
         for i, step in enumerate(read):
             _checked_step(trace, f"{_verb(step)}: ", step, slips, head_misread=i == bad)
@@ -503,18 +502,19 @@ def _expr(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step
     def render(trace: _Trace, misread: bool) -> int:
         # One operation at a time, checked, then the expression rewritten:
         # "9 + 4 * 6", "4 * 6 = 24.", "Check: 24 / 6 = 4 vs 4, ok.", "= 9 + 24", ... "= 33".
-        bad = _misread_expr(slips.rng, tokens, reductions) if misread else None
-        current = bad[2] if bad and bad[0] == 0 else tokens
-        shown, span = _expr_line(current, "", bad[1] if bad and bad[0] == 0 else None)
+        drawn = _misread_expr(slips.rng, tokens, reductions) if misread else None
+        bad_line, bad_k, bad_tokens = drawn if drawn is not None else (-1, None, tokens)
+        current = bad_tokens if bad_line == 0 else tokens
+        shown, span = _expr_line(current, "", bad_k if bad_line == 0 else None)
         trace.add(shown, *([span] if span else []))
         n = 0
         while len(current) > 1:
             current, step = _reduce_once(current)  # type: ignore[misc]  # valid: checked by _reductions
             n += 1
             _checked_step(trace, "", step, slips)
-            if bad and bad[0] == n:
-                current = bad[2]
-            line, span = _expr_line(current, "= ", bad[1] if bad and bad[0] == n else None)
+            if bad_line == n:
+                current = bad_tokens
+            line, span = _expr_line(current, "= ", bad_k if bad_line == n else None)
             trace.add(line, *([span] if span else []))
         return int(current[0])
 
@@ -577,9 +577,8 @@ def _word(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step
 
     def render(trace: _Trace, misread: bool) -> int:
         # Each line restates one sentence of the story, then computes it.
-        bad, read = _misread_chain(slips.rng, steps) if misread else None, steps
-        if bad is not None:
-            bad, read = bad
+        drawn = _misread_chain(slips.rng, steps) if misread else None
+        bad, read = drawn if drawn is not None else (None, list(steps))
         trace.add(opener)
         for i, (sentence, step) in enumerate(zip(sentences, read)):
             if i == bad:  # the story told wrong (drawn from the slip generator)
