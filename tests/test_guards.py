@@ -102,6 +102,16 @@ def test_budget_closes_thinking_at_exactly_n_tokens(backend: str) -> None:
     assert rep["loop_fired_at"] is None and rep["hesitation_steps"] == 0
 
 
+def test_report_counts_the_last_token_of_a_response_cut_by_the_limit() -> None:
+    """The last token is sampled after the guard's last call: report(ids) observes it."""
+    guard = _plan(budget=100).new_request([1, 2])
+    out = _run(guard, [OPEN, 30, 31, 32, 33], 5)  # cut by the token limit inside thinking
+    assert thinking_span_ids(out, OPEN, CLOSE)[0] == 4
+    assert guard.report()["thinking_tokens"] == 3  # the guard saw 4 of the 5 tokens
+    assert guard.report(out)["thinking_tokens"] == 4
+    assert guard.report(out)["thinking_tokens"] == 4  # ids already seen are not counted twice
+
+
 def test_budget_counts_from_a_prompt_that_opened_thinking() -> None:
     guard = _plan(budget=3).new_request([1, OPEN])
     out = _run(guard, [30, 31, 32, 33, 34, 35], 6)
