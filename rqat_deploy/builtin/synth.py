@@ -348,8 +348,7 @@ def _misread_chain(rng: random.Random | None, steps: Sequence[Step]) -> tuple[in
         if (op2, b2) == (op, b):
             continue
         read, value = list(steps[:i]), a
-        for j, (_, op_j, b_j, _) in enumerate(steps[i:]):
-            o, bb = (op2, b2) if j == 0 else (op_j, b_j)
+        for o, bb in [(op2, b2)] + [(o, bb) for _, o, bb, _ in steps[i + 1 :]]:
             out = _apply(value, o, bb)
             if out is None:
                 break
@@ -476,13 +475,13 @@ def _misread_expr(rng: random.Random | None, tokens: list[int | str],
     return None
 
 
-def _expr_line(tokens: Sequence[int | str], prefix: str, k: int | None = None) -> tuple[str, tuple[int, int] | None]:
-    """``prefix`` + the expression, and the character span of token ``k`` (None: no span)."""
+def _expr_line(tokens: Sequence[int | str], prefix: str, k: int | None = None) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """``prefix`` + the expression, and the character spans to mask: token ``k``'s, or none."""
     parts = [str(x) for x in tokens]
     if k is None:
-        return prefix + " ".join(parts), None
+        return prefix + " ".join(parts), ()
     start = len(prefix) + sum(len(x) + 1 for x in parts[:k])
-    return prefix + " ".join(parts), (start, start + len(parts[k]))
+    return prefix + " ".join(parts), ((start, start + len(parts[k])),)
 
 
 def _expr(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step], _Trace] | None:
@@ -505,8 +504,8 @@ def _expr(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step
         drawn = _misread_expr(slips.rng, tokens, reductions) if misread else None
         bad_line, bad_k, bad_tokens = drawn if drawn is not None else (-1, None, tokens)
         current = bad_tokens if bad_line == 0 else tokens
-        shown, span = _expr_line(current, "", bad_k if bad_line == 0 else None)
-        trace.add(shown, *([span] if span else []))
+        shown, masks = _expr_line(current, "", bad_k if bad_line == 0 else None)
+        trace.add(shown, *masks)
         n = 0
         while len(current) > 1:
             current, step = _reduce_once(current)  # type: ignore[misc]  # valid: checked by _reductions
@@ -514,13 +513,14 @@ def _expr(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step
             _checked_step(trace, "", step, slips)
             if bad_line == n:
                 current = bad_tokens
-            line, span = _expr_line(current, "= ", bad_k if bad_line == n else None)
-            trace.add(line, *([span] if span else []))
+            line, masks = _expr_line(current, "= ", bad_k if bad_line == n else None)
+            trace.add(line, *masks)
         return int(current[0])
 
+    steps = [st for st, _ in reductions]
     trace = _Trace()
-    _rechecked_passes(trace, [st for st, _ in reductions], slips, render)
-    return question, [st for st, _ in reductions], trace
+    _rechecked_passes(trace, steps, slips, render)
+    return question, steps, trace
 
 
 # -- word -------------------------------------------------------------------------------------------
