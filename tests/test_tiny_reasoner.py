@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -159,6 +160,20 @@ def test_smoke_build(tmp_path: Path) -> None:
     torch.testing.assert_close(model.model.embed_tokens.weight, emb.float())
     with pytest.raises(OutputExistsError):
         build(out, cfg, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_thread_count_does_not_change_the_weights(tmp_path: Path) -> None:
+    """The build defaults to two threads for speed; one thread gives the same bytes (the shipped
+    model's sizes, a few steps; ~30 s)."""
+    digests = []
+    for threads in (1, 2):
+        cfg = BuildConfig(steps=4, warmup_steps=1, tokenizer_problems=200, vocab_size=1024, eval_per_level=0,
+                          eval_every=0, threads=threads)
+        out = tmp_path / f"t{threads}"
+        build(out, cfg, log=lambda *_: None)
+        digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
 
 
 def test_sizes_must_suit_k_quants(tmp_path: Path) -> None:
