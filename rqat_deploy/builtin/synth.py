@@ -478,10 +478,11 @@ def _misread_expr(rng: random.Random | None, tokens: list[int | str],
 def _expr_line(tokens: Sequence[int | str], prefix: str, k: int | None = None) -> tuple[str, tuple[tuple[int, int], ...]]:
     """``prefix`` + the expression, and the character spans to mask: token ``k``'s, or none."""
     parts = [str(x) for x in tokens]
+    line = prefix + " ".join(parts)
     if k is None:
-        return prefix + " ".join(parts), ()
+        return line, ()
     start = len(prefix) + sum(len(x) + 1 for x in parts[:k])
-    return prefix + " ".join(parts), ((start, start + len(parts[k])),)
+    return line, ((start, start + len(parts[k])),)
 
 
 def _expr(rng: random.Random, level: int, slips: _Slips) -> tuple[str, list[Step], _Trace] | None:

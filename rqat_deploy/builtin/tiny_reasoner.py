@@ -509,7 +509,7 @@ def _training_md(meta: dict[str, Any]) -> str:
         f"- version: {meta['teacher_version']} (checked traces: every step is undone and compared; training "
         f"traces slip with probability {meta['config']['slip_rate']} per attempt, the wrong value masked out of "
         "the loss, then fail their check and redo the step; each pass ends with a recheck read from the question, "
-        f"and a pass misreads one instruction with probability {meta['config'].get('misread_rate', 0.0)}, masked, "
+        f"and a pass misreads one instruction with probability {meta['config']['misread_rate']}, masked, "
         "then fails its recheck and starts over)",
         f"- parameters: {meta['parameters']:,} ({meta['weights_dtype']} safetensors, "
         f"{meta['weights_bytes'] / 1e6:.1f} MB)",
